@@ -1,0 +1,5 @@
+import sys
+
+from kdprune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,81 @@
+"""`kdprune run | stage | serve`: the command line. Errors in the user's input end as one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from kdprune.errors import KdpruneError
+
+TELEMETRY_OFF = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+}
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-p", "--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param, e.g. -S distill.temperature=2 (repeatable)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: $KDPRUNE_DEVICE, else cuda if present)")
+    parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (also: KDPRUNE_TRACKING=off)")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from kdprune.stages import STAGES
+
+    parser = argparse.ArgumentParser(prog="kdprune", description="Teacher -> distilled student -> pruned student -> registry.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the whole pipeline as a Prefect flow (MLflow parent run, DVC commit)")
+    _common(run)
+    stage = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)")
+    stage.add_argument("name", help=f"one of: {', '.join(STAGES)}")
+    _common(stage)
+    serve = sub.add_parser("serve", help="serve the pipeline on params' serve.cron against a Prefect server")
+    _common(serve)
+    return parser
+
+
+def tracker_for(args: argparse.Namespace):
+    """MLflow unless switched off; a stage run nests under $KDPRUNE_PARENT_RUN_ID when set."""
+    from kdprune.tracking import MlflowTracker, NullTracker
+
+    if args.no_tracking or os.environ.get("KDPRUNE_TRACKING", "").lower() in ("off", "0", "false"):
+        return NullTracker()
+    return MlflowTracker(run_id=os.environ.get("KDPRUNE_PARENT_RUN_ID") or None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    for key, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(key, value)
+    args = make_parser().parse_args(argv)
+    try:
+        from kdprune import config
+        from kdprune.stages import Paths, resolve_device, run_stage
+
+        params = config.load(args.params, args.overrides)
+        device = resolve_device(args.device)
+        if args.command == "stage":
+            summary = run_stage(args.name, params, Paths(Path(".")), tracker_for(args), device)
+            print(f"{args.name}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict)))
+        elif args.command == "run":
+            from flows.pipeline import pipeline
+
+            pipeline(params_path=args.params, overrides=args.overrides, device=str(device),
+                     tracking=not args.no_tracking)
+        else:
+            from flows.pipeline import serve
+
+            serve(args.params, params.serve.cron)
+    except KdpruneError as error:
+        print(f"kdprune: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Typed, validated parameters: params.yaml is read once here and becomes frozen objects.
+
+Machine facts (device, tracking URI) are not parameters; they come from the environment or CLI flags.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kdprune.errors import KdpruneError
+from kdprune.models import MODEL_BUILDERS
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(Strict):
+    source: Literal["digits", "cifar10", "imagefolder"] = "digits"
+    # imagefolder: a folder or .tar/.tar.gz holding train/<class>/ and test/<class>/.
+    # cifar10: the cache folder for the download (default: data/cache).
+    path: str | None = None
+    # Resize every image to this square size (pixels); needed when the images differ in size.
+    image_size: int | None = Field(default=None, ge=4, le=1024)
+    val_fraction: float = Field(default=0.1, gt=0, lt=1)  # carved from train with `seed`
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)  # digits only: it ships without a test split
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> DataParams:
+        if self.source == "imagefolder" and not self.path:
+            raise ValueError("data.path: imagefolder needs a folder or .tar/.tar.gz archive")
+        return self
+
+
+class ModelParams(Strict):
+    arch: str = "resnet"
+    width: int = Field(default=16, ge=1, le=1024)  # channels of the first stage
+    depth: int = Field(default=1, ge=1, le=16)  # residual blocks per stage
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _known_arch(self) -> ModelParams:
+        if self.arch not in MODEL_BUILDERS:
+            raise ValueError(f"unknown model {self.arch!r}; choose one of {sorted(MODEL_BUILDERS)}")
+        return self
+
+
+class AugmentParams(Strict):
+    flip: bool = True  # random horizontal flip
+    translate: int = Field(default=0, ge=0, le=16)  # random shift up to this many pixels (reflect padding)
+    cutout: int = Field(default=0, ge=0, le=64)  # side of a zeroed square, 0 = off
+
+
+class TrainParams(Strict):
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    optimizer: Literal["sgd", "nesterov", "adamw", "hypergrad"] = "nesterov"
+    lr: float = Field(default=0.05, gt=0)  # peak learning rate
+    momentum: float = Field(default=0.9, ge=0, lt=1)  # SGD momentum, or AdamW beta1
+    beta2: float = Field(default=0.999, gt=0, lt=1)  # AdamW only
+    weight_decay: float = Field(default=5e-4, ge=0)
+    schedule: Literal["constant", "cosine", "linear"] = "linear"  # decay after warm-up
+    warmup_epochs: float = Field(default=1.0, ge=0)
+    hypergrad_lr: float = Field(default=1e-4, gt=0)  # step size of the learning rate itself (hypergrad only)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    ema: float | None = Field(default=None, gt=0, lt=1)  # weight-average decay per step; None = off
+    augment: AugmentParams = AugmentParams()
+    tta: bool = False  # evaluate on image + flipped image
+    compile: bool = False  # torch.compile the model (GPU)
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainParams:
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
+        return self
+
+
+class RoleParams(Strict):
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+
+
+class DistillParams(Strict):
+    temperature: float = Field(default=4.0, gt=0)
+    alpha: float = Field(default=0.9, ge=0, le=1)  # weight of the KD term; 1 - alpha weighs the label loss
+
+
+class PruneParams(Strict):
+    target: float = Field(default=0.5, gt=0, lt=1)  # fraction of the student's MACs to remove
+    steps: int = Field(default=5, ge=1)  # prune in this many rounds
+    round_to: int = Field(default=1, ge=1)  # keep channel counts multiples of this (8 suits GPUs)
+    finetune: TrainParams = TrainParams(epochs=5)
+
+
+class EvaluateParams(Strict):
+    latency_batch: int = Field(default=256, ge=1)  # the larger batch of the two latency figures
+    latency_repeats: int = Field(default=20, ge=1)
+
+
+class RegisterParams(Strict):
+    model_name: str = Field(default="kdprune", min_length=1)
+    alias: str = Field(default="champion", min_length=1)
+
+
+class ServeParams(Strict):
+    cron: str = "0 3 * * *"  # when `kdprune serve` runs the pipeline
+
+
+class Params(Strict):
+    seed: int = 0
+    data: DataParams = DataParams()
+    teacher: RoleParams = RoleParams(model=ModelParams(width=32))
+    student: RoleParams = RoleParams(model=ModelParams(width=8))
+    distill: DistillParams = DistillParams()
+    prune: PruneParams = PruneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    registry: RegisterParams = RegisterParams()
+    serve: ServeParams = ServeParams()
+
+
+def _suggest(loc: tuple[Any, ...]) -> str:
+    """'did you mean' for a misspelled key, from the fields of the model that rejected it."""
+    model: type[BaseModel] = Params
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" (did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))!r}?)" if close else ""
+
+
+def _one_line(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    loc = tuple(first["loc"])
+    field = ".".join(str(p) for p in loc)
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key {field!r}{_suggest(loc)}"
+    message = first["msg"].removeprefix("Value error, ")
+    where = f"{field}: " if field and not message.startswith(field) else ""
+    got = first.get("input")
+    shown = f" (got {got!r})" if field and not isinstance(got, dict) else ""
+    return f"{source}: {where}{message}{shown}"
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` overrides (values parsed as YAML), as `dvc exp run -S` does."""
+    raw = yaml.safe_load(yaml.safe_dump(raw)) or {}  # deep copy
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise KdpruneError(f"override {item!r}: expected key=value, e.g. distill.temperature=2")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise KdpruneError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def parse(raw: Any, source: str = "params") -> Params:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise KdpruneError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise KdpruneError(_one_line(error, source)) from None
+
+
+def load(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read, override and validate a params file; every problem is one KdpruneError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise KdpruneError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise KdpruneError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if overrides:
+        raw = apply_overrides(raw or {}, overrides)
+    return parse(raw, str(path))

@@ -1,0 +1,245 @@
+"""Data sources -> one prepared file of uint8 tensors.
+
+Every source (scikit-learn's digits, CIFAR-10, an image folder or archive) ends as the same dict:
+``{split}_x`` uint8 N x C x H x W and ``{split}_y`` int64 for train / val / test, the class names, per-channel
+mean/std of train (for normalisation on the device) and a `dataset_id` fingerprint. The validation split is
+carved from train with the seed; test is only ever used for the final report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import tarfile
+from collections import Counter
+from pathlib import Path, PurePosixPath
+from typing import Iterator
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as TF
+
+from kdprune.config import DataParams
+from kdprune.errors import KdpruneError
+from kdprune.io import atomic_path
+
+Prepared = dict  # the prepared file's content, see module docstring
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+# ---------------------------------------------------------------------------------------------- sources
+def load_digits_source(test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """scikit-learn's 8x8 digits (shipped with the package): 0..16 grey levels scaled to 0..255."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.from_numpy(np.clip(np.rint(digits.images * 255.0 / 16.0), 0, 255).astype(np.uint8)).unsqueeze(1)
+    y = torch.from_numpy(digits.target.astype(np.int64))
+    test, train = _split_indices(len(y), test_fraction, seed + 1)
+    return x[train], y[train], x[test], y[test], [str(i) for i in range(10)]
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_cifar10_source(cache: Path, md5: str = CIFAR10_MD5, url: str = CIFAR10_URL):
+    """CIFAR-10's python archive: downloaded into `cache` once (md5 checked), then read without extracting."""
+    archive = cache / Path(url).name
+    if archive.exists():
+        if _md5(archive) != md5:
+            raise KdpruneError(f"{archive}: checksum mismatch (md5 should be {md5}); delete it to download again")
+    else:
+        from torchvision.datasets.utils import download_url
+
+        cache.mkdir(parents=True, exist_ok=True)
+        try:
+            download_url(url, str(cache), archive.name, md5)  # writes, then verifies the md5
+        except Exception as error:  # noqa: BLE001 - any network failure is reported the same way
+            raise KdpruneError(f"{url}: download failed ({error})") from error
+        if not archive.exists() or _md5(archive) != md5:
+            archive.unlink(missing_ok=True)
+            raise KdpruneError(f"{archive}: checksum mismatch after download (md5 should be {md5})")
+    batches: dict[str, dict] = {}
+    for name, read in _tar_members(archive):
+        stem = PurePosixPath(name).name
+        if stem.startswith(("data_batch_", "test_batch")):
+            # pickle is CIFAR-10's own format; the archive's md5 was verified above.
+            batches[stem] = pickle.loads(read(), encoding="latin1")
+
+    def stack(names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        missing = [n for n in names if n not in batches]
+        if missing:
+            raise KdpruneError(f"{archive}: missing {missing[0]}")
+        x = np.concatenate([batches[n]["data"] for n in names]).reshape(-1, 3, 32, 32)
+        y = np.concatenate([batches[n]["labels"] for n in names])
+        return torch.from_numpy(x.astype(np.uint8)), torch.from_numpy(y.astype(np.int64))
+
+    train_x, train_y = stack([f"data_batch_{i}" for i in range(1, 6)])
+    test_x, test_y = stack(["test_batch"])
+    return train_x, train_y, test_x, test_y, list(CIFAR10_CLASSES)
+
+
+def _safe_member_name(archive: Path, name: str) -> PurePosixPath:
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts:
+        raise KdpruneError(f"{archive}: member {name!r} escapes the target folder")
+    return path
+
+
+def _tar_members(archive: Path) -> Iterator[tuple[str, callable]]:
+    """Regular files of a tar archive as (name, read) without extracting; unsafe names are an error."""
+    try:
+        with tarfile.open(archive) as tar:
+            for member in tar:
+                _safe_member_name(archive, member.name)
+                if member.issym() or member.islnk():
+                    raise KdpruneError(f"{archive}: member {member.name!r} is a link; links are not allowed")
+                if member.isfile():
+                    yield member.name, (lambda m=member: tar.extractfile(m).read())
+    except tarfile.TarError as error:
+        raise KdpruneError(f"{archive}: not a readable tar archive ({error})") from None
+
+
+def _image_files(root: Path) -> Iterator[tuple[str, callable]]:
+    for file in sorted(root.rglob("*")):
+        if file.is_file():
+            yield file.relative_to(root).as_posix(), file.read_bytes
+
+
+def load_imagefolder_source(path: Path):
+    """`train/<class>/*` and `test/<class>/*` from a folder or a .tar / .tar.gz archive (optionally one top folder)."""
+    if not path.exists():
+        raise KdpruneError(f"{path}: dataset path does not exist")
+    members = _tar_members(path) if path.is_file() else _image_files(path)
+    files: dict[str, dict[str, list[tuple[str, callable]]]] = {"train": {}, "test": {}}
+    for name, read in members:
+        parts = PurePosixPath(name).parts
+        if any(part.startswith(".") for part in parts):
+            continue  # hidden files (.DS_Store, ._foo) are not data
+        for start in (0, 1):  # allow one top-level folder around train/ and test/
+            if len(parts) == start + 3 and parts[start] in files:
+                files[parts[start]].setdefault(parts[start + 1], []).append((f"{path}/{name}" if path.is_file() else str(path / name), read))
+                break
+    for split in ("train", "test"):
+        if not files[split]:
+            raise KdpruneError(f"{path}: no {split}/<class>/ images found (expected train/<class>/ and test/<class>/)")
+    classes = sorted(files["train"])
+    for cls in files["test"]:
+        if cls not in files["train"]:
+            raise KdpruneError(f"{path}: test class {cls!r} is absent from train/")
+    decoded = {split: [(_decode(where, read), classes.index(cls)) for cls, items in sorted(files[split].items()) for where, read in items] for split in files}
+    images = [img for split in decoded.values() for img, _ in split]
+    channels = 3 if any(img.shape[0] == 3 for img in images) else 1
+    out = []
+    for split in ("train", "test"):
+        xs = [img.expand(channels, -1, -1) if img.shape[0] != channels else img for img, _ in decoded[split]]
+        out += [xs, torch.tensor([label for _, label in decoded[split]], dtype=torch.int64)]
+    return out[0], out[1], out[2], out[3], classes
+
+
+def _decode(where: str, read) -> torch.Tensor:
+    if PurePosixPath(where).suffix.lower() not in IMAGE_SUFFIXES:
+        raise KdpruneError(f"{where}: not an image file (expected one of {', '.join(sorted(IMAGE_SUFFIXES))})")
+    try:
+        data = read()
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+    except Exception:  # noqa: BLE001 - torchvision raises several types for corrupt files
+        try:  # formats torchvision cannot decode natively (e.g. BMP) go through Pillow
+            from PIL import Image
+
+            with Image.open(io.BytesIO(data)) as pil:
+                pil = pil.convert("RGB" if pil.mode not in ("L", "I", "I;16") else "L")
+                array = np.asarray(pil)
+            image = torch.from_numpy(array.copy()).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)
+        except Exception:  # noqa: BLE001
+            raise KdpruneError(f"{where}: unreadable image") from None
+    if image.shape[0] in (2, 4):  # drop alpha
+        image = image[: image.shape[0] - 1]
+    return image
+
+
+# ---------------------------------------------------------------------------------------------- prepare
+def _split_indices(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    cut = max(1, int(round(n * fraction)))
+    if cut >= n:
+        raise KdpruneError(f"{n} images are too few to split off a fraction of {fraction}")
+    return order[:cut], order[cut:]
+
+
+def _to_batch(images, size: int | None, field: str) -> torch.Tensor:
+    """A list of C x H x W uint8 images (or a ready N x C x H x W tensor) -> N x C x size x size."""
+    if isinstance(images, torch.Tensor):
+        images = list(images) if size is not None and images.shape[-1] != size else images
+    if isinstance(images, list):
+        shapes = Counter(tuple(img.shape[-2:]) for img in images)
+        if size is None and len(shapes) > 1:
+            (a, _), (b, _) = shapes.most_common(2)
+            raise KdpruneError(f"{field}: images differ in size ({a[0]}x{a[1]} and {b[0]}x{b[1]}); set data.image_size")
+        if size is not None:
+            images = [img if tuple(img.shape[-2:]) == (size, size) else TF.resize(img, [size, size], antialias=True) for img in images]
+        images = torch.stack(images)
+    elif size is not None and tuple(images.shape[-2:]) != (size, size):
+        images = TF.resize(images, [size, size], antialias=True)
+    return images.contiguous()
+
+
+def prepare(params: DataParams, seed: int) -> Prepared:
+    """Read the configured source and return the prepared splits (nothing written)."""
+    if params.source == "digits":
+        train_x, train_y, test_x, test_y, classes = load_digits_source(params.test_fraction, seed)
+    elif params.source == "cifar10":
+        train_x, train_y, test_x, test_y, classes = load_cifar10_source(Path(params.path or "data/cache"))
+    else:
+        train_x, train_y, test_x, test_y, classes = load_imagefolder_source(Path(params.path))
+    train_x = _to_batch(train_x, params.image_size, "data.path")
+    test_x = _to_batch(test_x, params.image_size or train_x.shape[-1], "data.path")
+    if train_x.shape[-1] != train_x.shape[-2]:
+        raise KdpruneError(f"data.path: images are {train_x.shape[-2]}x{train_x.shape[-1]}, not square; set data.image_size")
+    if test_x.shape[1:] != train_x.shape[1:]:
+        raise KdpruneError(f"data.path: test images are {tuple(test_x.shape[1:])}, train images {tuple(train_x.shape[1:])}")
+    val, train = _split_indices(len(train_y), params.val_fraction, seed)
+    prepared = {
+        "train_x": train_x[train].clone(), "train_y": train_y[train].clone(),
+        "val_x": train_x[val].clone(), "val_y": train_y[val].clone(),
+        "test_x": test_x, "test_y": test_y, "classes": classes, "source": params.source,
+    }
+    as_float = prepared["train_x"].float() / 255
+    prepared["mean"] = as_float.mean(dim=(0, 2, 3))
+    prepared["std"] = as_float.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    digest = hashlib.sha256()
+    for key in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
+        digest.update(prepared[key].numpy().tobytes())
+    digest.update("\n".join(classes).encode())
+    prepared["dataset_id"] = digest.hexdigest()[:16]
+    return prepared
+
+
+def save_prepared(prepared: Prepared, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(prepared, tmp)
+
+
+def load_prepared(path: Path) -> Prepared:
+    if not Path(path).is_file():
+        raise KdpruneError(f"{path}: prepared data not found; run the prepare stage first")
+    return torch.load(path, weights_only=True)
+
+
+def describe(prepared: Prepared) -> dict:
+    c, h, w = prepared["train_x"].shape[1:]
+    return {
+        "source": prepared["source"], "classes": len(prepared["classes"]), "channels": int(c), "image_size": int(h),
+        "train": len(prepared["train_y"]), "val": len(prepared["val_y"]), "test": len(prepared["test_y"]),
+        "dataset_id": prepared["dataset_id"],
+    }

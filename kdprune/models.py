@@ -1,0 +1,145 @@
+"""Model builders, kept in a plain dict: build(spec, channels, size, classes) adapts each to the dataset.
+
+- seed_large / seed_small: the seed project's two CNNs, fixed minimally (see `SeedCNN`), kept as a baseline.
+- resnet: a residual CNN for small images, sized by `width` (first-stage channels) and `depth` (blocks per stage).
+- fastnet: an airbench-style VGG-like net (conv, pool, BN, GELU), built for fast GPU training on 32x32 images.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+class SeedCNN(nn.Module):
+    """The seed's conv-pool-conv-pool-fc-fc network.
+
+    Fixed from the seed as printed: the missing `torch.nn.functional` import, pooling sized for the input
+    (two 2x2 pools instead of a fixed window that did not fit 32x32), and fc1's input width computed from the
+    image size instead of hard-coded. Its "knowledge transfer" (loading the teacher's state dict into the smaller
+    net) is replaced by real distillation in the pipeline.
+    """
+
+    def __init__(self, channels: int, size: int, classes: int, conv: tuple[int, int], hidden: int, dropout: float):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, conv[0], 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(conv[0], conv[1], 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        )
+        side = size // 4
+        self.fc1 = nn.Linear(conv[1] * side * side, hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x).flatten(1)
+        return self.fc2(self.dropout(torch.relu(self.fc1(x))))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """Three stages of basic blocks (widths w, 2w, 4w), stride 2 between stages while the image allows."""
+
+    def __init__(self, channels: int, size: int, classes: int, width: int, depth: int, dropout: float):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        blocks, cin, side = [], width, size
+        for stage, mult in enumerate((1, 2, 4)):
+            stride = 2 if stage > 0 and side >= 4 else 1
+            side //= stride
+            for i in range(depth):
+                blocks.append(BasicBlock(cin, width * mult, stride if i == 0 else 1))
+                cin = width * mult
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(cin, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU()]
+
+
+class FastNet(nn.Module):
+    """airbench-style: stem conv, then three groups of conv-pool-BN-GELU-conv-BN-GELU (widths w, 4w, 4w)."""
+
+    def __init__(self, channels: int, size: int, classes: int, width: int, depth: int, dropout: float):
+        super().__init__()
+        layers: list[nn.Module] = _conv_bn(channels, width // 2 if width > 1 else 1)
+        cin, side = layers[0].out_channels, size
+        for mult in (1, 4, 4):
+            cout = width * mult
+            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False)]
+            if side >= 2:
+                layers.append(nn.MaxPool2d(2))
+                side //= 2
+            layers += [nn.BatchNorm2d(cout), nn.GELU()]
+            for _ in range(depth):
+                layers += _conv_bn(cout, cout)
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(cin, classes, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+Builder = Callable[[int, int, int, int, int, float], nn.Module]
+
+MODEL_BUILDERS: dict[str, Builder] = {
+    "seed_large": lambda c, s, k, w, d, p: SeedCNN(c, s, k, conv=(64, 128), hidden=512, dropout=p),
+    "seed_small": lambda c, s, k, w, d, p: SeedCNN(c, s, k, conv=(16, 32), hidden=128, dropout=p),
+    "resnet": ResNet,
+    "fastnet": FastNet,
+}
+
+
+def build(spec: dict[str, Any], channels: int, size: int, classes: int) -> nn.Module:
+    """Build `spec` (arch, width, depth, dropout) for images of `channels` x `size` x `size` and `classes` labels."""
+    builder = MODEL_BUILDERS[spec["arch"]]
+    return builder(channels, size, classes, spec.get("width", 16), spec.get("depth", 1), spec.get("dropout", 0.0))
+
+
+def resize_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """Shrink conv, linear and batch-norm layers to the shapes stored in `state_dict`.
+
+    A pruned model is saved as its unpruned spec plus a state dict whose tensors carry the pruned shapes; this
+    rebuilds each layer from those stored shapes, so loading needs no pruning code and guesses nothing.
+    """
+    for name, module in list(model.named_modules()):
+        key = f"{name}.weight" if name else "weight"
+        if key not in state_dict:
+            continue
+        shape = state_dict[key].shape
+        if isinstance(module, nn.Conv2d) and shape != module.weight.shape:
+            if module.groups != 1:
+                raise ValueError(f"{name}: grouped convolutions cannot be resized from a state dict")
+            new: nn.Module = nn.Conv2d(shape[1], shape[0], module.kernel_size, module.stride, module.padding,
+                                       module.dilation, bias=module.bias is not None)
+        elif isinstance(module, nn.Linear) and shape != module.weight.shape:
+            new = nn.Linear(shape[1], shape[0], bias=module.bias is not None)
+        elif isinstance(module, nn.BatchNorm2d) and shape != module.weight.shape:
+            new = nn.BatchNorm2d(shape[0], eps=module.eps, momentum=module.momentum)
+        else:
+            continue
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        setattr(parent, name.rpartition(".")[2], new)
+    return model

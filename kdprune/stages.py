@@ -1,0 +1,262 @@
+"""The pipeline's stages: plain functions of (params, paths, tracker, device), called by both drivers.
+
+The DVC driver calls them through `kdprune stage NAME`; the Prefect driver through tasks/. Each writes its
+outputs under `paths` (atomically) and returns a small summary dict.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kdprune import data as data_mod
+from kdprune.checkpoint import load_model, save_model
+from kdprune.config import Params, RoleParams, TrainParams
+from kdprune.io import read_json, write_json, write_text
+from kdprune.metrics import model_costs
+from kdprune.models import build
+from kdprune.pruning import count_macs_params, prune_to_target
+from kdprune.tracking import NullTracker
+from kdprune.train import Split, evaluate as evaluate_split, fit
+
+MODEL_NAMES = ("teacher", "student", "distilled", "pruned")
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where every stage reads and writes, relative to the project root (the 'catalog')."""
+
+    root: Path = Path(".")
+
+    @property
+    def prepared(self) -> Path:
+        return self.root / "data" / "prepared.pt"
+
+    def model(self, name: str) -> Path:
+        return self.root / "models" / f"{name}.pt"
+
+    def stage_metrics(self, name: str) -> Path:
+        return self.root / "metrics" / f"{name}.json"
+
+    def curve(self, name: str) -> Path:
+        return self.root / "plots" / f"{name}.csv"
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "reports" / "metrics.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "reports" / "table.md"
+
+    @property
+    def registration(self) -> Path:
+        return self.root / "reports" / "registration.json"
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """The device flag, else KDPRUNE_DEVICE, else CUDA when present, else the CPU."""
+    import os
+
+    name = name or os.environ.get("KDPRUNE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _write_curve(path: Path, history: list[dict]) -> None:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(path, out.getvalue())
+
+
+def _splits(paths: Paths, device: torch.device) -> tuple[dict, Split, Split]:
+    prepared = data_mod.load_prepared(paths.prepared)
+    return prepared, Split.from_prepared(prepared, "train", device), Split.from_prepared(prepared, "val", device)
+
+
+def _train_and_save(name: str, model: torch.nn.Module, spec: dict, train_params: TrainParams, params: Params,
+                    paths: Paths, tracker, device: torch.device, teacher: torch.nn.Module | None = None,
+                    extra: dict | None = None, splits=None) -> dict:
+    """The shared body of every training stage: fit, then save the model, curve and metrics."""
+    prepared, train, val = splits or _splits(paths, device)
+    tracker.log_params({"model": spec, "train": train_params.model_dump(), "seed": params.seed,
+                        "dataset_id": prepared["dataset_id"], **({"distill": params.distill.model_dump()} if teacher is not None else {})})
+    started = time.perf_counter()
+    model, history = fit(model, train, val, train_params, stage=name, seed=params.seed, teacher=teacher,
+                         distill=params.distill if teacher is not None else None,
+                         on_epoch=lambda row: tracker.log_metrics(row, step=row["epoch"]))
+    seconds = time.perf_counter() - started
+    input_shape = tuple(prepared["train_x"].shape[1:])
+    macs, n_params = count_macs_params(model.cpu(), torch.zeros(1, *input_shape))
+    summary = {"val_accuracy": history[-1]["val_accuracy"], "val_loss": history[-1]["val_loss"],
+               "train_seconds": round(seconds, 2), "epochs": len(history), "macs": macs, "params": n_params,
+               **(extra or {})}
+    save_model(paths.model(name), model, spec, input_shape, prepared["classes"],
+               extra={"val_accuracy": summary["val_accuracy"], "dataset_id": prepared["dataset_id"]})
+    _write_curve(paths.curve(name), history)
+    write_json(paths.stage_metrics(name), summary)
+    tracker.log_metrics({f"final_{k}": v for k, v in summary.items()})
+    tracker.log_artifact(paths.model(name))
+    return summary
+
+
+def _fresh_model(role: RoleParams, prepared: dict, seed: int) -> tuple[torch.nn.Module, dict]:
+    torch.manual_seed(seed)  # same seed for student and distilled: both start from the same weights
+    c, size, _ = prepared["train_x"].shape[1:]
+    spec = role.model.model_dump()
+    return build(spec, c, size, len(prepared["classes"])), spec
+
+
+def _role_stage(name: str, role: RoleParams, params: Params, paths: Paths, tracker, device, teacher=None) -> dict:
+    splits = _splits(paths, device)
+    model, spec = _fresh_model(role, splits[0], params.seed)
+    return _train_and_save(name, model, spec, role.train, params, paths, tracker, device, teacher=teacher, splits=splits)
+
+
+# ---------------------------------------------------------------------------------------------- stages
+def prepare(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:
+    """Read the configured source; write the prepared uint8 splits."""
+    tracker.log_params({"data": params.data.model_dump(), "seed": params.seed})
+    prepared = data_mod.prepare(params.data, params.seed)
+    data_mod.save_prepared(prepared, paths.prepared)
+    summary = data_mod.describe(prepared)
+    tracker.log_params({"dataset_id": summary["dataset_id"]})
+    tracker.log_metrics({k: v for k, v in summary.items() if k in ("classes", "train", "val", "test")})
+    return summary
+
+
+def teacher(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:
+    """Train the teacher on the labels."""
+    return _role_stage("teacher", params.teacher, params, paths, tracker, device or resolve_device())
+
+
+def student(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:
+    """Train the student alone, on the distillation's schedule: the baseline that KD must beat."""
+    return _role_stage("student", params.student, params, paths, tracker, device or resolve_device())
+
+
+def distill(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:
+    """Train the student from the teacher with Hinton's KD loss."""
+    teacher_model, _ = load_model(paths.model("teacher"))
+    return _role_stage("distilled", params.student, params, paths, tracker, device or resolve_device(), teacher=teacher_model)
+
+
+def prune(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:
+    """Remove the distilled student's channels to the MACs target, then fine-tune it with KD from the teacher."""
+    device = device or resolve_device()
+    splits = _splits(paths, device)
+    model, payload = load_model(paths.model("distilled"))
+    teacher_model, _ = load_model(paths.model("teacher"))
+    example = torch.zeros(1, *payload["input_shape"])
+    macs_before, params_before = count_macs_params(model, example)
+    model = prune_to_target(model, example, params.prune.target, params.prune.round_to)
+    macs_after, _ = count_macs_params(model, example)
+    before_finetune = evaluate_split(model.to(device), splits[2])["accuracy"]
+    tracker.log_params({"prune": params.prune.model_dump(exclude={"finetune"})})
+    extra = {"macs_before": macs_before, "params_before": params_before,
+             "macs_reduction": round(1 - macs_after / macs_before, 4), "val_accuracy_before_finetune": before_finetune}
+    return _train_and_save("pruned", model, payload["spec"], params.prune.finetune, params, paths, tracker, device,
+                           teacher=teacher_model, extra=extra, splits=splits)
+
+
+def evaluate(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:
+    """Test accuracy and costs of every model: metrics JSON (DVC metrics) and a Markdown table."""
+    device = device or resolve_device()
+    prepared = data_mod.load_prepared(paths.prepared)
+    splits = {s: Split.from_prepared(prepared, s, device) for s in ("val", "test")}
+    tta = {"teacher": params.teacher.train.tta, "student": params.student.train.tta,
+           "distilled": params.student.train.tta, "pruned": params.prune.finetune.tta}
+    rows = {}
+    for name in MODEL_NAMES:
+        model, payload = load_model(paths.model(name))
+        model.to(device)
+        rows[name] = {
+            "test_accuracy": round(evaluate_split(model, splits["test"], tta=tta[name])["accuracy"], 4),
+            "val_accuracy": round(evaluate_split(model, splits["val"], tta=tta[name])["accuracy"], 4),
+            **model_costs(model, tuple(payload["input_shape"]), paths.model(name),
+                          params.evaluate.latency_batch, params.evaluate.latency_repeats),
+        }
+    report = {"dataset": data_mod.describe(prepared), "models": rows}
+    write_json(paths.report_json, report)
+    table = format_table(report)
+    write_text(paths.report_md, table)
+    tracker.log_metrics({f"{name}.{k}": v for name, row in rows.items() for k, v in row.items()})
+    tracker.log_text(table, "table.md")
+    return report
+
+
+def format_table(report: dict) -> str:
+    """The report as a Markdown table, one row per model."""
+    rows = report["models"]
+    batch = next(iter(rows.values()))["latency_batch"]
+    lines = [
+        f"Dataset: {report['dataset']['source']} ({report['dataset']['train']} train / {report['dataset']['val']} val / "
+        f"{report['dataset']['test']} test, {report['dataset']['classes']} classes, id {report['dataset']['dataset_id']})",
+        "",
+        f"| model | test acc | val acc | params | MACs | size (KB) | CPU ms (batch 1) | CPU ms (batch {batch}) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['test_accuracy']:.2%} | {r['val_accuracy']:.2%} | {r['params']:,} | {r['macs']:,} | "
+                     f"{r['size_kb']:,} | {r['cpu_latency_ms_b1']:.3f} | {r['cpu_latency_ms_batch']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def promotion_decision(candidate: dict, champion: dict | None) -> tuple[bool, str]:
+    """Whether the candidate takes the alias: only by beating the champion's validation accuracy on the same data."""
+    if champion is None:
+        return True, "no current champion"
+    if champion.get("dataset_id") != candidate["dataset_id"]:
+        return True, (f"champion v{champion['version']} was validated on another dataset "
+                      f"({champion.get('dataset_id')}); accuracies on different data do not compare")
+    theirs = float(champion.get("val_accuracy", "nan"))
+    ours = candidate["val_accuracy"]
+    if ours > theirs:
+        return True, f"validation accuracy {ours:.4f} beats champion v{champion['version']}'s {theirs:.4f}"
+    return False, f"validation accuracy {ours:.4f} does not beat champion v{champion['version']}'s {theirs:.4f}"
+
+
+def register(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:
+    """Log the pruned model to the registry; move the alias to it only if it beats the champion on validation."""
+    model, payload = load_model(paths.model("pruned"))
+    report = read_json(paths.report_json)
+    candidate = {"val_accuracy": report["models"]["pruned"]["val_accuracy"],
+                 "test_accuracy": report["models"]["pruned"]["test_accuracy"],
+                 "macs": report["models"]["pruned"]["macs"], "dataset_id": report["dataset"]["dataset_id"]}
+    name, alias = params.registry.model_name, params.registry.alias
+    champion = tracker.champion(name, alias)
+    promote, reason = promotion_decision(candidate, champion)
+    example = torch.zeros(1, *payload["input_shape"]).numpy()
+    model_uri = tracker.log_model(model, "model", example)
+    version = tracker.register(model_uri, name, candidate) if model_uri else None
+    if version is None:
+        promote, reason = False, "tracking is off: nothing registered"
+    elif promote:
+        tracker.set_alias(name, alias, version)
+    result = {"model_name": name, "version": version, "alias": alias, "promoted": promote, "reason": reason,
+              "champion_before": champion.get("version") if champion else None, **candidate}
+    write_json(paths.registration, result)
+    tracker.log_metrics({"promoted": int(promote)})
+    tracker.set_tags({"promotion": reason})
+    return result
+
+
+STAGES = {"prepare": prepare, "teacher": teacher, "student": student, "distill": distill, "prune": prune,
+          "evaluate": evaluate, "register": register}
+
+
+def run_stage(name: str, params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:
+    """Run one stage inside its own tracking run (nested under the tracker's run, if any)."""
+    if name not in STAGES:
+        from kdprune.errors import KdpruneError
+
+        raise KdpruneError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
+    with tracker.run(name, tags={"kdprune.stage": name}) as run:
+        return STAGES[name](params, paths, run, device)

@@ -1,0 +1,187 @@
+"""The one training loop, and evaluation.
+
+Data stays on the device as uint8 for the whole run (airbench's loader): each step gathers a batch by index,
+normalises it and augments it with batch tensor ops. On CUDA the loop adds channels_last and bf16 autocast; the
+same code runs on the CPU. With a teacher it distils (Hinton's KD loss); without one it trains on the labels.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdprune.augment import augment
+from kdprune.config import DistillParams, TrainParams
+from kdprune.errors import TrainingDiverged
+from kdprune.losses import hinton_kd_loss
+from kdprune.optim import build_optimizer, schedule_scale
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split resident on the device: uint8 images, int64 labels, and the train set's normalisation."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def from_prepared(cls, prepared: dict, split: str, device: torch.device) -> Split:
+        return cls(
+            prepared[f"{split}_x"].to(device), prepared[f"{split}_y"].to(device),
+            prepared["mean"].to(device)[None, :, None, None], prepared["std"].to(device)[None, :, None, None],
+        )
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def inputs(self, index: torch.Tensor | slice) -> torch.Tensor:
+        x = (self.x[index].float().div_(255) - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
+
+EpochCallback = Callable[[dict], None]
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, split: Split, batch_size: int = 1024, tta: bool = False) -> torch.Tensor:
+    """Logits for the whole split (eval mode); with `tta`, averaged with those of the mirrored images."""
+    was_training = model.training
+    model.eval()
+    outs = []
+    with _autocast(split.x.device):
+        for start in range(0, len(split), batch_size):
+            x = split.inputs(slice(start, start + batch_size))
+            logits = model(x).float()
+            if tta:
+                logits = (logits + model(x.flip(-1)).float()) / 2
+            outs.append(logits)
+    model.train(was_training)
+    return torch.cat(outs)
+
+
+def evaluate(model: nn.Module, split: Split, tta: bool = False) -> dict[str, float]:
+    logits = predict_logits(model, split, tta=tta)
+    return {
+        "loss": F.cross_entropy(logits, split.y).item(),
+        "accuracy": (logits.argmax(1) == split.y).float().mean().item(),
+    }
+
+
+def _show_progress() -> bool:
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def fit(
+    model: nn.Module,
+    train: Split,
+    val: Split,
+    params: TrainParams,
+    *,
+    stage: str,
+    seed: int = 0,
+    teacher: nn.Module | None = None,
+    distill: DistillParams | None = None,
+    on_epoch: EpochCallback | None = None,
+) -> tuple[nn.Module, list[dict]]:
+    """Train `model` on `train` for `params.epochs`; return the trained (or weight-averaged) model and the curves.
+
+    Each curve row: epoch, train_loss, train_accuracy, val_loss, val_accuracy, lr, seconds. Validation is only
+    observed, never used to pick weights. A NaN/inf loss raises TrainingDiverged naming the stage and epoch.
+    """
+    device = train.x.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    model.to(device).train()
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if teacher is not None:
+        teacher.to(device).eval().requires_grad_(False)
+    optimizer = build_optimizer(model, params)
+    ema = None
+    if params.ema is not None:
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(params.ema), use_buffers=True
+        )
+    step_model = torch.compile(model) if params.compile else model
+    batch_size = min(params.batch_size, len(train))
+    steps_per_epoch = max(1, len(train) // batch_size)  # drop the last partial batch: steady shapes
+    total_steps = steps_per_epoch * params.epochs
+    warmup_steps = int(params.warmup_epochs * steps_per_epoch)
+    history: list[dict] = []
+    step = 0
+    epochs = range(1, params.epochs + 1)
+    bar = None
+    if _show_progress():
+        from tqdm import tqdm
+
+        bar = tqdm(epochs, desc=stage, unit="epoch", leave=False)
+        epochs = bar
+    for epoch in epochs:
+        started = time.perf_counter()
+        order = torch.randperm(len(train), device=device, generator=generator)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        for i in range(steps_per_epoch):
+            index = order[i * batch_size:(i + 1) * batch_size]
+            x = augment(train.inputs(index), params.augment, generator)
+            y = train.y[index]
+            scale = schedule_scale(step, total_steps, warmup_steps, params.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * scale
+            with _autocast(device):
+                logits = step_model(x)
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(x)
+                    loss = hinton_kd_loss(logits, teacher_logits, y, distill.temperature, distill.alpha,
+                                          params.label_smoothing)
+                else:
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=params.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            loss_sum += loss.detach()
+            correct += (logits.detach().argmax(1) == y).sum()
+            step += 1
+        train_loss = (loss_sum / steps_per_epoch).item()  # one sync per epoch
+        if not torch.isfinite(torch.tensor(train_loss)):
+            raise TrainingDiverged(f"{stage}: loss became {train_loss} at epoch {epoch}")
+        scored = ema.module if ema is not None else model
+        val_metrics = evaluate(scored, val, tta=params.tta)
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_accuracy": correct.item() / (steps_per_epoch * batch_size),
+            "val_loss": val_metrics["loss"],
+            "val_accuracy": val_metrics["accuracy"],
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - started,
+        }
+        history.append(row)
+        if bar is not None:
+            bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{row['val_accuracy']:.3f}")
+        else:
+            print(f"{stage} epoch {epoch}/{params.epochs}: train_loss={train_loss:.4f} "
+                  f"val_loss={row['val_loss']:.4f} val_accuracy={row['val_accuracy']:.4f} ({row['seconds']:.1f}s)",
+                  file=sys.stderr, flush=True)
+        if on_epoch is not None:
+            on_epoch(row)
+    if bar is not None:
+        bar.close()
+    final = ema.module if ema is not None else model
+    return final.to(memory_format=torch.contiguous_format), history
