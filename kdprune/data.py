@@ -22,7 +22,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
 from kdprune.config import DataParams
-from kdprune.errors import KdpruneError
+from kdprune.errors import DownloadError, KdpruneError
 from kdprune.io import atomic_path
 
 Prepared = dict  # the prepared file's content, see module docstring
@@ -65,7 +65,7 @@ def load_cifar10_source(cache: Path, md5: str = CIFAR10_MD5, url: str = CIFAR10_
         try:
             download_url(url, str(cache), archive.name, md5)  # writes, then verifies the md5
         except Exception as error:  # noqa: BLE001 - any network failure is reported the same way
-            raise KdpruneError(f"{url}: download failed ({error})") from error
+            raise DownloadError(f"{url}: download failed ({error})") from error
         if not archive.exists() or _md5(archive) != md5:
             archive.unlink(missing_ok=True)
             raise KdpruneError(f"{archive}: checksum mismatch after download (md5 should be {md5})")

@@ -7,3 +7,7 @@ class KdpruneError(Exception):
 
 class TrainingDiverged(KdpruneError):
     """The loss became NaN or infinite; the message names the stage and epoch."""
+
+
+class DownloadError(KdpruneError):
+    """A download failed (network); the only error worth retrying."""

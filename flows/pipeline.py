@@ -1,0 +1,73 @@
+"""The pipeline as a Prefect flow: one MLflow parent run, a task per stage, a Markdown report artifact.
+
+Run inside the project, the flow then records its outputs with `dvc commit`, so `dvc status` stays clean.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from kdprune import config
+from kdprune.errors import KdpruneError
+from kdprune.stages import Paths, resolve_device
+from kdprune.tracking import MlflowTracker, NullTracker
+from tasks import stages as t
+
+
+def dvc_commit(root: Path, params_path: str, overrides: list[str]) -> str:
+    """Record the flow's outputs in dvc.lock when they match what `dvc repro` would produce."""
+    if not (root / ".dvc").is_dir() or not (root / "dvc.yaml").is_file():
+        return "not a DVC project: outputs not recorded"
+    if overrides or Path(params_path).resolve() != (root / "params.yaml").resolve():
+        return "params differ from params.yaml (overrides or another file): outputs not recorded in dvc.lock"
+    done = subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet"], cwd=root,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        return f"dvc commit failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
+    return "outputs recorded in dvc.lock (dvc status is clean)"
+
+
+@flow(name="kdprune-pipeline", log_prints=True)
+def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None, device: str | None = None,
+             tracking: bool = True, root: str = ".") -> dict:
+    """prepare -> teacher, student -> distill -> prune -> evaluate -> register."""
+    overrides = list(overrides or [])
+    params = config.load(params_path, overrides)
+    paths = Paths(Path(root))
+    dev = resolve_device(device)
+    tracker = MlflowTracker() if tracking and os.environ.get("KDPRUNE_TRACKING", "").lower() not in ("off", "0", "false") else NullTracker()
+    with tracker.run("pipeline", tags={"kdprune.device": str(dev)}) as parent:
+        parent.log_params(params.model_dump())
+        data = t.prepare(params, paths, parent, dev)
+        t.teacher(params, paths, parent, dev)
+        t.student(params, paths, parent, dev)
+        t.distill(params, paths, parent, dev)
+        t.prune(params, paths, parent, dev)
+        report = t.evaluate(params, paths, parent, dev)
+        registration = t.register(params, paths, parent, dev)
+        table = paths.report_md.read_text()
+        summary = (f"{table}\nRegistry: {registration['model_name']} v{registration['version']}, "
+                   f"{'promoted to' if registration['promoted'] else 'not promoted to'} "
+                   f"@{registration['alias']}: {registration['reason']}\n")
+        parent.log_metrics({f"{name}.{k}": v for name, row in report["models"].items() for k, v in row.items()})
+        parent.log_text(summary, "report.md")
+        create_markdown_artifact(summary, key="kdprune-report", description=f"kdprune on {data['source']}")
+    dvc_note = dvc_commit(Path(root), params_path, overrides)
+    get_run_logger().info(dvc_note)
+    print(summary)
+    return {"report": report, "registration": registration, "dvc": dvc_note}
+
+
+def serve(params_path: str, cron: str) -> None:
+    """Serve the pipeline on `cron` against a real Prefect server (schedules do not fire on the temporary one)."""
+    if not os.environ.get("PREFECT_API_URL"):
+        raise KdpruneError("serve needs a Prefect server: run scripts/prefect-server.sh and set "
+                           "PREFECT_API_URL=http://127.0.0.1:4200/api (see README)")
+    pipeline.serve(name="kdprune-scheduled", cron=cron,
+                   parameters={"params_path": str(Path(params_path).resolve()), "root": str(Path.cwd())})

@@ -1,0 +1,40 @@
+"""One Prefect task per pipeline stage; each only calls kdprune.stages.run_stage."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NONE
+from prefect.tasks import exponential_backoff
+
+from kdprune.errors import DownloadError
+from kdprune.stages import run_stage
+
+
+def _download_failed(task, task_run, state) -> bool:
+    """Retry only network failures: bad input fails the same way every time."""
+    try:
+        state.result()
+    except DownloadError:
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+    return False
+
+
+def _stage_task(name: str, **options):
+    # cache_policy=NONE: stages read and write files; DVC, not Prefect, decides what is up to date.
+    @task(name=name, cache_policy=NONE, **options)
+    def stage(params, paths, tracker, device):
+        return run_stage(name, params, paths, tracker, device)
+
+    return stage
+
+
+prepare = _stage_task("prepare", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=10),
+                      retry_condition_fn=_download_failed)
+teacher = _stage_task("teacher")
+student = _stage_task("student")
+distill = _stage_task("distill")
+prune = _stage_task("prune")
+evaluate = _stage_task("evaluate")
+register = _stage_task("register")
