@@ -99,7 +99,8 @@ def _train_and_save(name: str, model: torch.nn.Module, spec: dict, train_params:
                "train_seconds": round(seconds, 2), "epochs": len(history), "macs": macs, "params": n_params,
                **(extra or {})}
     save_model(paths.model(name), model, spec, input_shape, prepared["classes"],
-               extra={"val_accuracy": summary["val_accuracy"], "dataset_id": prepared["dataset_id"]})
+               extra={"val_accuracy": summary["val_accuracy"], "dataset_id": prepared["dataset_id"],
+                      "mean": prepared["mean"].tolist(), "std": prepared["std"].tolist()})
     _write_curve(paths.curve(name), history)
     write_json(paths.stage_metrics(name), summary)
     tracker.log_metrics({f"final_{k}": v for k, v in summary.items()})
@@ -223,6 +224,23 @@ def promotion_decision(candidate: dict, champion: dict | None) -> tuple[bool, st
     return False, f"validation accuracy {ours:.4f} does not beat champion v{champion['version']}'s {theirs:.4f}"
 
 
+class Normalized(torch.nn.Module):
+    """The registered model: takes float images in [0, 1] (pixels / 255) and normalises them itself."""
+
+    def __init__(self, model: torch.nn.Module, mean: list[float], std: list[float]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+def with_normalization(model: torch.nn.Module, mean: list[float], std: list[float]) -> torch.nn.Module:
+    return Normalized(model, mean, std).eval()
+
+
 def register(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:
     """Log the pruned model to the registry; move the alias to it only if it beats the champion on validation."""
     model, payload = load_model(paths.model("pruned"))
@@ -233,8 +251,9 @@ def register(params: Params, paths: Paths, tracker=NullTracker(), device: torch.
     name, alias = params.registry.model_name, params.registry.alias
     champion = tracker.champion(name, alias)
     promote, reason = promotion_decision(candidate, champion)
-    example = torch.zeros(1, *payload["input_shape"]).numpy()
-    model_uri = tracker.log_model(model, "model", example)
+    served = with_normalization(model, payload["extra"]["mean"], payload["extra"]["std"])
+    example = data_mod.load_prepared(paths.prepared)["val_x"][:2].float().div(255).numpy()
+    model_uri = tracker.log_model(served, "model", example)
     version = tracker.register(model_uri, name, candidate) if model_uri else None
     if version is None:
         promote, reason = False, "tracking is off: nothing registered"
