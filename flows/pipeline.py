@@ -17,6 +17,7 @@ from kdprune import config
 from kdprune.errors import KdpruneError
 from kdprune.stages import Paths, resolve_device
 from kdprune.tracking import MlflowTracker, NullTracker
+from flows.search import run_search
 from tasks import stages as t
 
 
@@ -36,7 +37,7 @@ def dvc_commit(root: Path, params_path: str, overrides: list[str]) -> str:
 @flow(name="kdprune-pipeline", log_prints=True)
 def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None, device: str | None = None,
              tracking: bool = True, root: str = ".") -> dict:
-    """prepare -> teacher, student -> distill -> prune -> evaluate -> register."""
+    """prepare -> search -> teacher, student -> distill -> prune -> evaluate -> register."""
     overrides = list(overrides or [])
     params = config.load(params_path, overrides)
     paths = Paths(Path(root))
@@ -45,6 +46,10 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
     with tracker.run("pipeline", tags={"kdprune.device": str(dev)}) as parent:
         parent.log_params(params.model_dump())
         data = t.prepare(params, paths, parent, dev)
+        if params.search.enabled:
+            run_search(params, paths, parent, dev)
+        else:
+            t.search(params, paths, parent, dev)  # records search/best.json = {"enabled": false}
         t.teacher(params, paths, parent, dev)
         t.student(params, paths, parent, dev)
         t.distill(params, paths, parent, dev)

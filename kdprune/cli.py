@@ -49,18 +49,30 @@ def tracker_for(args: argparse.Namespace):
     return MlflowTracker(run_id=os.environ.get("KDPRUNE_PARENT_RUN_ID") or None)
 
 
+def _run_one_stage(name, params, paths, tracker, device) -> dict:
+    from kdprune.stages import run_stage
+
+    if name == "search" and params.search.enabled:
+        try:  # trial workers on Prefect's task runner (threads, processes or Dask) when Prefect is installed
+            from flows.search import run_search
+        except ImportError:
+            return run_stage(name, params, paths, tracker, device)
+        return run_search(params, paths, tracker, device)
+    return run_stage(name, params, paths, tracker, device)
+
+
 def main(argv: list[str] | None = None) -> int:
     for key, value in TELEMETRY_OFF.items():
         os.environ.setdefault(key, value)
     args = make_parser().parse_args(argv)
     try:
         from kdprune import config
-        from kdprune.stages import Paths, resolve_device, run_stage
+        from kdprune.stages import Paths, resolve_device
 
         params = config.load(args.params, args.overrides)
         device = resolve_device(args.device)
         if args.command == "stage":
-            summary = run_stage(args.name, params, Paths(Path(".")), tracker_for(args), device)
+            summary = _run_one_stage(args.name, params, Paths(Path(".")), tracker_for(args), device)
             print(f"{args.name}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict)))
         elif args.command == "run":
             from flows.pipeline import pipeline

@@ -67,6 +67,7 @@ class TrainParams(Strict):
     schedule: Literal["constant", "cosine", "linear"] = "linear"  # decay after warm-up
     warmup_epochs: float = Field(default=1.0, ge=0)
     hypergrad_lr: float = Field(default=1e-4, gt=0)  # step size of the learning rate itself (hypergrad only)
+    norm_lr_scale: float = Field(default=1.0, gt=0)  # lr multiplier for batch-norm parameters (airbench: 64)
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     ema: float | None = Field(default=None, gt=0, lt=1)  # weight-average decay per step; None = off
     augment: AugmentParams = AugmentParams()
@@ -111,6 +112,87 @@ class ServeParams(Strict):
     cron: str = "0 3 * * *"  # when `kdprune serve` runs the pipeline
 
 
+class FloatRange(Strict):
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FloatRange:
+        if self.low > self.high:
+            raise ValueError(f"empty range: low ({self.low}) > high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0 (got {self.low})")
+        return self
+
+
+class IntRange(Strict):
+    low: int
+    high: int
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntRange:
+        if self.low > self.high:
+            raise ValueError(f"empty range: low ({self.low}) > high ({self.high})")
+        return self
+
+
+class SearchSpace(Strict):
+    """What the study may choose. Meta-optimization: how to optimise; meta-regularization: how to regularise."""
+
+    # meta-optimization
+    optimizer: list[Literal["sgd", "nesterov", "adamw", "hypergrad"]] = ["nesterov", "adamw"]
+    lr: FloatRange = FloatRange(low=0.003, high=0.3, log=True)
+    momentum: FloatRange = FloatRange(low=0.8, high=0.95)
+    batch_size: list[int] = [32, 64, 128]
+    schedule: list[Literal["constant", "cosine", "linear"]] = ["linear", "cosine"]
+    warmup_epochs: FloatRange = FloatRange(low=0.0, high=1.0)
+    # meta-regularization
+    weight_decay: FloatRange = FloatRange(low=1e-5, high=1e-2, log=True)
+    label_smoothing: FloatRange = FloatRange(low=0.0, high=0.2)
+    temperature: FloatRange = FloatRange(low=1.0, high=8.0)
+    alpha: FloatRange = FloatRange(low=0.3, high=0.95)
+    translate: IntRange = IntRange(low=0, high=2)
+    cutout: IntRange = IntRange(low=0, high=0)
+    dropout: FloatRange = FloatRange(low=0.0, high=0.3)
+    # pareto mode: the student's size
+    width: IntRange = IntRange(low=4, high=16)
+    prune_target: FloatRange = FloatRange(low=0.1, high=0.8)
+
+    @model_validator(mode="after")
+    def _non_empty(self) -> SearchSpace:
+        for name in ("optimizer", "batch_size", "schedule"):
+            if not getattr(self, name):
+                raise ValueError(f"search.space.{name}: empty choice list")
+        if any(b < 1 for b in self.batch_size):
+            raise ValueError("search.space.batch_size: batch sizes must be >= 1")
+        if self.prune_target.low <= 0 or self.prune_target.high >= 1:
+            raise ValueError("search.space.prune_target: must lie inside (0, 1)")
+        if self.width.low < 1:
+            raise ValueError("search.space.width: widths must be >= 1")
+        return self
+
+
+class SearchParams(Strict):
+    enabled: bool = False  # when true, teacher / student / distill train with the searched params
+    mode: Literal["single", "pareto"] = "single"  # pareto: validation accuracy vs MACs (student width, prune target)
+    n_trials: int = Field(default=12, ge=1)  # per study (one for the teacher, one for the student)
+    epochs: int = Field(default=4, ge=1)  # training budget of one trial
+    compare_epochs: int | None = Field(default=None, ge=1)  # defaults-vs-searched report budget; None = the roles' epochs
+    workers: int = Field(default=1, ge=1)  # trials running at once
+    runner: Literal["threads", "processes", "dask"] = "threads"
+    dask_address: str | None = None  # a Dask scheduler (tcp://host:8786); None with runner=dask: a local cluster
+    storage: str | None = None  # SQLAlchemy URL of the Optuna study; None = sqlite:///optuna.db in the project
+    seed: int = 0  # of the TPE sampler
+    space: SearchSpace = SearchSpace()
+
+    @model_validator(mode="after")
+    def _dask_address(self) -> SearchParams:
+        if self.dask_address and self.runner != "dask":
+            raise ValueError(f"search.dask_address is set but search.runner is {self.runner!r}, not 'dask'")
+        return self
+
+
 class Params(Strict):
     seed: int = 0
     data: DataParams = DataParams()
@@ -121,6 +203,7 @@ class Params(Strict):
     evaluate: EvaluateParams = EvaluateParams()
     registry: RegisterParams = RegisterParams()
     serve: ServeParams = ServeParams()
+    search: SearchParams = SearchParams()
 
 
 def _suggest(loc: tuple[Any, ...]) -> str:

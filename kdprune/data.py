@@ -105,7 +105,8 @@ def _tar_members(archive: Path) -> Iterator[tuple[str, callable]]:
                 if member.issym() or member.islnk():
                     raise KdpruneError(f"{archive}: member {member.name!r} is a link; links are not allowed")
                 if member.isfile():
-                    yield member.name, (lambda m=member: tar.extractfile(m).read())
+                    data = tar.extractfile(member).read()  # read now: the archive is closed when the caller reads
+                    yield member.name, (lambda d=data: d)
     except tarfile.TarError as error:
         raise KdpruneError(f"{archive}: not a readable tar archive ({error})") from None
 

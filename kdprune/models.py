@@ -3,6 +3,8 @@
 - seed_large / seed_small: the seed project's two CNNs, fixed minimally (see `SeedCNN`), kept as a baseline.
 - resnet: a residual CNN for small images, sized by `width` (first-stage channels) and `depth` (blocks per stage).
 - fastnet: an airbench-style VGG-like net (conv, pool, BN, GELU), built for fast GPU training on 32x32 images.
+- airbench: fastnet with airbench's initialisation and normalisation: a frozen 2x2 patch-whitening first layer,
+  identity (dirac) initialised convs, batch norms with a fixed unit scale, logits scaled by 1/9.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -74,29 +77,110 @@ class ResNet(nn.Module):
         return self.head(self.blocks(self.stem(x)))
 
 
-def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU()]
+def _conv_bn(cin: int, cout: int, norm: type[nn.Module] = nn.BatchNorm2d) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), norm(cout), nn.GELU()]
+
+
+class ShiftNorm(nn.BatchNorm2d):
+    """Batch norm whose scale is fixed at 1: only the shift (bias) learns (airbench; BN momentum 0.4, eps 1e-12).
+
+    The scale stays a parameter of ones, unused, so pruning and `resize_to_state_dict` treat this as a plain
+    BatchNorm2d (which computes the same thing with those ones).
+    """
+
+    def __init__(self, channels: int):
+        super().__init__(channels, eps=1e-12, momentum=0.4)
+        self.weight.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, None, self.bias, self.training, self.momentum, self.eps)
+
+
+class PatchWhiten(nn.Module):
+    """A frozen 2x2 conv that whitens image patches, plus a learned bias (Page, 2018; airbench).
+
+    Its filters are +-eigenvectors / sqrt(eigenvalue + eps) of the covariance of the input's 2x2 patches, set from
+    the first batch the layer sees in training mode: building the model needs no data, and a saved model keeps
+    them (the `ready` buffer says they are set).
+    """
+
+    def __init__(self, channels: int, kernel: int = 2, eps: float = 5e-4):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 2 * channels * kernel * kernel, kernel, bias=True)
+        self.conv.weight.requires_grad_(False)
+        nn.init.zeros_(self.conv.bias)
+        self.register_buffer("ready", torch.zeros(()))
+        self.eps = eps
+        self._ready = False  # cached `ready`, so that training steps do not sync on it
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._ready = False
+        super()._load_from_state_dict(*args, **kwargs)
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def whiten_from(self, x: torch.Tensor) -> None:
+        k = self.conv.kernel_size[0]
+        with torch.autocast(x.device.type, enabled=False):
+            patches = x.float().unfold(2, k, 1).unfold(3, k, 1)  # n, c, h', w', k, k
+            patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * k * k)
+            eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+            filters = (eigenvectors.T / (eigenvalues[:, None] + self.eps).sqrt()).reshape(-1, x.shape[1], k, k)
+        self.conv.weight.copy_(torch.cat([filters, -filters]))
+        self.ready.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not self._ready:
+            if not self.ready.item():
+                self.whiten_from(x)
+            self._ready = True
+        return self.conv(x)
+
+
+class Scale(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
 
 
 class FastNet(nn.Module):
-    """airbench-style: stem conv, then three groups of conv-pool-BN-GELU-conv-BN-GELU (widths w, 4w, 4w)."""
+    """airbench-style: stem conv, then three groups of conv-pool-BN-GELU-conv-BN-GELU (widths w, 4w, 4w).
 
-    def __init__(self, channels: int, size: int, classes: int, width: int, depth: int, dropout: float):
+    With `airbench`: a patch-whitening stem (`PatchWhiten`, then GELU) instead of the conv-BN stem, `ShiftNorm`
+    batch norms, 3x3 convs initialised as partial identities (dirac) and logits scaled by 1/9: airbench's choices,
+    which let it train at its high learning rates (lr ~1.3 per mean loss at batch 1024, BN lr x64).
+    """
+
+    def __init__(self, channels: int, size: int, classes: int, width: int, depth: int, dropout: float,
+                 airbench: bool = False):
         super().__init__()
-        layers: list[nn.Module] = _conv_bn(channels, width // 2 if width > 1 else 1)
-        cin, side = layers[0].out_channels, size
+        norm = ShiftNorm if airbench else nn.BatchNorm2d
+        if airbench:
+            layers: list[nn.Module] = [PatchWhiten(channels), nn.GELU()]
+            cin, side = layers[0].conv.out_channels, size - 1
+        else:
+            layers = _conv_bn(channels, width // 2 if width > 1 else 1)
+            cin, side = layers[0].out_channels, size
         for mult in (1, 4, 4):
             cout = width * mult
             layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False)]
             if side >= 2:
                 layers.append(nn.MaxPool2d(2))
                 side //= 2
-            layers += [nn.BatchNorm2d(cout), nn.GELU()]
+            layers += [norm(cout), nn.GELU()]
             for _ in range(depth):
-                layers += _conv_bn(cout, cout)
+                layers += _conv_bn(cout, cout, norm)
             cin = cout
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(cin, classes, bias=False))
+        if airbench:
+            self.head.append(Scale(1 / 9))
+            for m in self.features.modules():
+                if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
+                    nn.init.dirac_(m.weight[: m.in_channels])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -109,6 +193,7 @@ MODEL_BUILDERS: dict[str, Builder] = {
     "seed_small": lambda c, s, k, w, d, p: SeedCNN(c, s, k, conv=(16, 32), hidden=128, dropout=p),
     "resnet": ResNet,
     "fastnet": FastNet,
+    "airbench": lambda c, s, k, w, d, p: FastNet(c, s, k, w, d, p, airbench=True),
 }
 
 

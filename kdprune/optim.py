@@ -58,6 +58,11 @@ def build_optimizer(model: nn.Module, params: TrainParams) -> torch.optim.Optimi
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": params.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if params.norm_lr_scale != 1.0:  # batch-norm parameters in a third group, at a scaled learning rate
+        norm = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) for p in m.parameters(False)}
+        groups[1]["params"] = [p for p in no_decay if id(p) not in norm]
+        lr = params.lr * params.norm_lr_scale
+        groups.append({"params": [p for p in no_decay if id(p) in norm], "weight_decay": 0.0, "lr": lr, "base_lr": lr})
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     if params.optimizer in ("sgd", "nesterov"):
         opt = torch.optim.SGD(groups, lr=params.lr, momentum=params.momentum,

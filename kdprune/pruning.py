@@ -28,9 +28,11 @@ def prune_to_target(model: nn.Module, example: torch.Tensor, target: float, roun
     model.eval()
     base_macs, _ = count_macs_params(model, example)
     classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
+    # frozen layers (airbench's patch whitening: filter norms there are 1/sqrt(eigenvalue), not importance) stay whole
+    frozen = [m for m in model.modules() if isinstance(m, nn.Conv2d) and not m.weight.requires_grad]
     pruner = tp.pruner.MetaPruner(
         model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
-        pruning_ratio=0.95, iterative_steps=increments, ignored_layers=classifier,
+        pruning_ratio=0.95, iterative_steps=increments, ignored_layers=classifier + frozen,
         round_to=round_to if round_to > 1 else None,
     )
     for _ in range(increments):

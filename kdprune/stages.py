@@ -58,6 +58,14 @@ class Paths:
     def registration(self) -> Path:
         return self.root / "reports" / "registration.json"
 
+    @property
+    def search_dir(self) -> Path:
+        return self.root / "search"
+
+    @property
+    def search_best(self) -> Path:
+        return self.search_dir / "best.json"
+
 
 def resolve_device(name: str | None = None) -> torch.device:
     """The device flag, else KDPRUNE_DEVICE, else CUDA when present, else the CPU."""
@@ -115,7 +123,16 @@ def _fresh_model(role: RoleParams, prepared: dict, seed: int) -> tuple[torch.nn.
     return build(spec, c, size, len(prepared["classes"])), spec
 
 
-def _role_stage(name: str, role: RoleParams, params: Params, paths: Paths, tracker, device, teacher=None) -> dict:
+def effective_params(params: Params, paths: Paths) -> Params:
+    """params.yaml with the search's best points applied when `search.enabled` (search/best.json is a dep)."""
+    from kdprune.search import load_best, searched_params
+
+    return searched_params(params, load_best(paths))
+
+
+def _role_stage(name: str, role_name: str, params: Params, paths: Paths, tracker, device, teacher=None) -> dict:
+    params = effective_params(params, paths)
+    role = getattr(params, role_name)
     splits = _splits(paths, device)
     model, spec = _fresh_model(role, splits[0], params.seed)
     return _train_and_save(name, model, spec, role.train, params, paths, tracker, device, teacher=teacher, splits=splits)
@@ -135,23 +152,24 @@ def prepare(params: Params, paths: Paths, tracker=NullTracker(), device: torch.d
 
 def teacher(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:
     """Train the teacher on the labels."""
-    return _role_stage("teacher", params.teacher, params, paths, tracker, device or resolve_device())
+    return _role_stage("teacher", "teacher", params, paths, tracker, device or resolve_device())
 
 
 def student(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:
     """Train the student alone, on the distillation's schedule: the baseline that KD must beat."""
-    return _role_stage("student", params.student, params, paths, tracker, device or resolve_device())
+    return _role_stage("student", "student", params, paths, tracker, device or resolve_device())
 
 
 def distill(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:
     """Train the student from the teacher with Hinton's KD loss."""
     teacher_model, _ = load_model(paths.model("teacher"))
-    return _role_stage("distilled", params.student, params, paths, tracker, device or resolve_device(), teacher=teacher_model)
+    return _role_stage("distilled", "student", params, paths, tracker, device or resolve_device(), teacher=teacher_model)
 
 
 def prune(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:
     """Remove the distilled student's channels to the MACs target, then fine-tune it with KD from the teacher."""
     device = device or resolve_device()
+    params = effective_params(params, paths)
     splits = _splits(paths, device)
     model, payload = load_model(paths.model("distilled"))
     teacher_model, _ = load_model(paths.model("teacher"))
@@ -267,15 +285,27 @@ def register(params: Params, paths: Paths, tracker=NullTracker(), device: torch.
     return result
 
 
-STAGES = {"prepare": prepare, "teacher": teacher, "student": student, "distill": distill, "prune": prune,
+def search(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None,
+           run_workers=None) -> dict:
+    """Meta-optimization / meta-regularization studies, then defaults vs searched on the same budget."""
+    from kdprune import search as search_mod
+
+    best = search_mod.search(params, paths, tracker, device, run_workers=run_workers or search_mod.run_in_threads)
+    if best.get("enabled"):
+        best["report"] = search_mod.compare(params, paths, best, tracker, device)["rows"]
+    return best
+
+
+STAGES = {"prepare": prepare, "search": search, "teacher": teacher, "student": student, "distill": distill, "prune": prune,
           "evaluate": evaluate, "register": register}
 
 
-def run_stage(name: str, params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:
+def run_stage(name: str, params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None,
+              **options) -> dict:
     """Run one stage inside its own tracking run (nested under the tracker's run, if any)."""
     if name not in STAGES:
         from kdprune.errors import KdpruneError
 
         raise KdpruneError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
     with tracker.run(name, tags={"kdprune.stage": name}) as run:
-        return STAGES[name](params, paths, run, device)
+        return STAGES[name](params, paths, run, device, **options)

@@ -74,6 +74,17 @@ class MlflowTracker:
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(name)
         self.run_id = run_id
 
+    def __getstate__(self) -> dict:
+        # Process and Dask workers rebuild the client from the URI; the run id keeps them nested.
+        return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id, "run_id": self.run_id}
+
+    def __setstate__(self, state: dict) -> None:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.__dict__.update(state, _mlflow=mlflow, client=MlflowClient(state["tracking_uri"]))
+        mlflow.set_tracking_uri(state["tracking_uri"])
+
     def _child(self, run_id: str) -> MlflowTracker:
         child = object.__new__(MlflowTracker)
         child.__dict__.update(self.__dict__, run_id=run_id)

@@ -107,6 +107,7 @@ def fit(
     model.to(device).train()
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True  # steady shapes: let cuDNN pick its fastest kernels once
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
     optimizer = build_optimizer(model, params)

@@ -32,6 +32,7 @@ def _stage_task(name: str, **options):
 
 prepare = _stage_task("prepare", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=10),
                       retry_condition_fn=_download_failed)
+search = _stage_task("search")
 teacher = _stage_task("teacher")
 student = _stage_task("student")
 distill = _stage_task("distill")

@@ -1,0 +1,127 @@
+"""params.yaml -> validated, frozen Params; every problem is one KdpruneError line naming the field."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+
+from conftest import REPO, deep_update, tiny_params_dict, write_params
+from kdprune import config
+from kdprune.errors import KdpruneError
+from kdprune.models import MODEL_BUILDERS
+
+
+def test_shipped_params_yaml_is_valid():
+    params = config.load(REPO / "params.yaml")
+    assert params.data.source == "digits"
+    # YAML anchors and merge keys resolve: the student trains on the teacher's schedule, fine-tuning overrides it.
+    assert params.student.train == params.teacher.train
+    assert params.prune.finetune.batch_size == params.teacher.train.batch_size
+    assert 0 < params.prune.target < 1
+
+
+def test_parse_tiny_params(tiny_raw):
+    params = config.parse(tiny_raw)
+    assert params.teacher.model.width == 8
+    assert params.student.model.width == 4
+    assert params.prune.finetune.epochs == 1
+    assert params.teacher.train.augment.flip is False
+
+
+def test_params_are_frozen(tiny_params):
+    with pytest.raises(pydantic.ValidationError):
+        tiny_params.seed = 3
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("")
+    assert config.load(path) == config.Params()
+
+
+def test_overrides_apply_yaml_values(tmp_path, tiny_raw):
+    path = write_params(tmp_path / "params.yaml", tiny_raw)
+    params = config.load(path, ["distill.temperature=2", "teacher.model.arch=fastnet", "data.image_size=16"])
+    assert params.distill.temperature == 2.0
+    assert params.teacher.model.arch == "fastnet"
+    assert params.data.image_size == 16
+    # the file itself is untouched
+    assert config.load(path).distill.temperature == tiny_raw["distill"]["temperature"]
+
+
+@pytest.mark.parametrize("override", ["distill.temperature", "=3"])
+def test_malformed_override(tmp_path, tiny_raw, override):
+    path = write_params(tmp_path / "params.yaml", tiny_raw)
+    with pytest.raises(KdpruneError, match="key=value"):
+        config.load(path, [override])
+
+
+def test_override_through_a_value_is_an_error(tmp_path, tiny_raw):
+    path = write_params(tmp_path / "params.yaml", tiny_raw)
+    with pytest.raises(KdpruneError, match="seed"):
+        config.load(path, ["seed.x=1"])
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(KdpruneError, match="params file not found") as info:
+        config.load(tmp_path / "nope.yaml")
+    assert "nope.yaml" in str(info.value)
+
+
+def test_invalid_yaml(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: [1, 2\n")
+    with pytest.raises(KdpruneError, match="not valid YAML") as info:
+        config.load(path)
+    assert "\n" not in str(info.value)
+
+
+def test_not_a_mapping(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(KdpruneError, match="expected a mapping"):
+        config.load(path)
+
+
+# (updates to the tiny params, substrings the one-line message must contain)
+BAD = {
+    "misspelled top-level key": ({"sead": 1}, ["unknown key 'sead'", "did you mean 'seed'"]),
+    "misspelled nested key": ({"distill": {"temprature": 2.0}},
+                              ["unknown key 'distill.temprature'", "did you mean 'distill.temperature'"]),
+    "misspelled deep key": ({"teacher": {"train": {"epoch": 2}}},
+                            ["teacher.train.epoch", "did you mean 'teacher.train.epochs'"]),
+    "misspelled finetune key": ({"prune": {"finetune": {"lrr": 0.1}}}, ["prune.finetune.lrr", "prune.finetune.lr"]),
+    "wrong type": ({"teacher": {"train": {"epochs": "ten"}}}, ["teacher.train.epochs", "integer", "'ten'"]),
+    "epochs < 1": ({"student": {"train": {"epochs": 0}}}, ["student.train.epochs", "greater than or equal to 1"]),
+    "finetune epochs < 1": ({"prune": {"finetune": {"epochs": 0}}}, ["prune.finetune.epochs"]),
+    "lr = 0": ({"teacher": {"train": {"lr": 0}}}, ["teacher.train.lr", "greater than 0"]),
+    "lr < 0": ({"student": {"train": {"lr": -0.1}}}, ["student.train.lr", "greater than 0"]),
+    "prune target 0": ({"prune": {"target": 0}}, ["prune.target"]),
+    "prune target 1": ({"prune": {"target": 1}}, ["prune.target"]),
+    "prune target > 1": ({"prune": {"target": 1.5}}, ["prune.target"]),
+    "negative prune target": ({"prune": {"target": -0.2}}, ["prune.target"]),
+    "unknown arch": ({"teacher": {"model": {"arch": "vgg"}}}, ["teacher.model", "'vgg'", *MODEL_BUILDERS]),
+    "unknown data source": ({"data": {"source": "mnist"}}, ["data.source", "'mnist'", "digits"]),
+    "imagefolder without path": ({"data": {"source": "imagefolder", "path": None}}, ["data.path"]),
+    "warmup longer than training": ({"teacher": {"train": {"warmup_epochs": 5}}}, ["teacher", "warmup_epochs"]),
+    "section is not a mapping": ({"distill": 3}, ["distill"]),
+}
+
+
+@pytest.mark.parametrize("updates, expected", list(BAD.values()), ids=list(BAD))
+def test_bad_params_one_line_naming_the_field(tmp_path, updates, expected):
+    path = write_params(tmp_path / "params.yaml", deep_update(tiny_params_dict(), updates))
+    with pytest.raises(KdpruneError) as info:
+        config.load(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(str(path))
+    for part in expected:
+        assert part in message
+
+
+def test_unknown_key_far_from_any_field_has_no_suggestion(tmp_path):
+    path = write_params(tmp_path / "params.yaml", deep_update(tiny_params_dict(), {"zzzzzz": 1}))
+    with pytest.raises(KdpruneError, match="unknown key 'zzzzzz'") as info:
+        config.load(path)
+    assert "did you mean" not in str(info.value)
