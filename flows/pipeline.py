@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from kdprune import config
+from kdprune.cli import exit_on_sigterm
 from kdprune.errors import KdpruneError
 from kdprune.stages import Paths, resolve_device
 from kdprune.tracking import MlflowTracker, NullTracker
@@ -38,6 +39,7 @@ def dvc_commit(root: Path, params_path: str, overrides: list[str]) -> str:
 def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None, device: str | None = None,
              tracking: bool = True, root: str = ".") -> dict:
     """prepare -> search -> teacher, student -> distill -> prune -> evaluate -> register."""
+    exit_on_sigterm()  # scheduled runs are stopped with SIGTERM: close the MLflow runs on the way out
     overrides = list(overrides or [])
     params = config.load(params_path, overrides)
     paths = Paths(Path(root))

@@ -44,4 +44,8 @@ def search_flow(params, paths, tracker, device) -> dict:
 
 def run_search(params, paths, tracker, device) -> dict:
     """The search stage with its workers on the task runner that params.search names."""
+    if params.search.enabled:  # a bad storage URL is one error line, before Prefect starts (and logs a traceback)
+        from kdprune.search import open_storage, storage_url
+
+        open_storage(storage_url(params.search, paths.root))
     return search_flow.with_options(task_runner=task_runner_for(params.search))(params, paths, tracker, device)

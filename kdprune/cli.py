@@ -61,9 +61,19 @@ def _run_one_stage(name, params, paths, tracker, device) -> dict:
     return run_stage(name, params, paths, tracker, device)
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so open tracking runs are closed (marked FAILED), never left RUNNING."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(argv: list[str] | None = None) -> int:
     for key, value in TELEMETRY_OFF.items():
         os.environ.setdefault(key, value)
+    exit_on_sigterm()
     args = make_parser().parse_args(argv)
     try:
         from kdprune import config

@@ -29,6 +29,9 @@ class DataParams(Strict):
     image_size: int | None = Field(default=None, ge=4, le=1024)
     val_fraction: float = Field(default=0.1, gt=0, lt=1)  # carved from train with `seed`
     test_fraction: float = Field(default=0.2, gt=0, lt=1)  # digits only: it ships without a test split
+    # Keep a seeded random subset of at most this many train / test images (quick runs); null = all of them.
+    max_train: int | None = Field(default=None, ge=1)
+    max_test: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataParams:

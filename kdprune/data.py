@@ -108,7 +108,7 @@ def _tar_members(archive: Path) -> Iterator[tuple[str, callable]]:
                     data = tar.extractfile(member).read()  # read now: the archive is closed when the caller reads
                     yield member.name, (lambda d=data: d)
     except tarfile.TarError as error:
-        raise KdpruneError(f"{archive}: not a readable tar archive ({error})") from None
+        raise KdpruneError(f"{archive}: not a readable tar archive ({(str(error).splitlines() or [type(error).__name__])[0]})") from None
 
 
 def _image_files(root: Path) -> Iterator[tuple[str, callable]]:
@@ -210,6 +210,10 @@ def prepare(params: DataParams, seed: int) -> Prepared:
     if test_x.shape[1:] != train_x.shape[1:]:
         raise KdpruneError(f"data.path: test images are {tuple(test_x.shape[1:])}, train images {tuple(train_x.shape[1:])}")
     val, train = _split_indices(len(train_y), params.val_fraction, seed)
+    train = train[:params.max_train]  # already a seeded random order; None keeps all
+    if params.max_test is not None and params.max_test < len(test_y):
+        keep = torch.randperm(len(test_y), generator=torch.Generator().manual_seed(seed + 2))[:params.max_test]
+        test_x, test_y = test_x[keep], test_y[keep]
     prepared = {
         "train_x": train_x[train].clone(), "train_y": train_y[train].clone(),
         "val_x": train_x[val].clone(), "val_y": train_y[val].clone(),

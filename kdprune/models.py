@@ -84,8 +84,8 @@ def _conv_bn(cin: int, cout: int, norm: type[nn.Module] = nn.BatchNorm2d) -> lis
 class ShiftNorm(nn.BatchNorm2d):
     """Batch norm whose scale is fixed at 1: only the shift (bias) learns (airbench; BN momentum 0.4, eps 1e-12).
 
-    The scale stays a parameter of ones, unused, so pruning and `resize_to_state_dict` treat this as a plain
-    BatchNorm2d (which computes the same thing with those ones).
+    The scale stays a parameter of ones, detached (no gradient, even after pruning re-creates it as trainable),
+    so pruning and `resize_to_state_dict` treat this as a plain BatchNorm2d, which computes the same with those ones.
     """
 
     def __init__(self, channels: int):
@@ -93,7 +93,8 @@ class ShiftNorm(nn.BatchNorm2d):
         self.weight.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, None, self.bias, self.training, self.momentum, self.eps)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight.detach(), self.bias, self.training,
+                            self.momentum, self.eps)
 
 
 class PatchWhiten(nn.Module):

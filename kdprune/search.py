@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,20 +102,32 @@ def storage_url(search: SearchParams, root: Path) -> str:
     return search.storage or f"sqlite:///{(root / 'optuna.db').resolve()}"
 
 
+def redact(url: str) -> str:
+    """The URL without its password (error messages and logs must not show it)."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """The study storage; an unreachable or malformed URL is one error line naming search.storage."""
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
     except Exception as error:  # noqa: BLE001 - SQLAlchemy and drivers raise many types
         reason = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
-        raise KdpruneError(f"search.storage: cannot open {url!r} ({reason[:200]})") from None
+        raise KdpruneError(f"search.storage: cannot open {redact(url)!r} ({redact(reason)[:200]})") from None
 
 
-def study_name(params: Params, role: str, dataset_id: str) -> str:
-    """Stable per (data, search config, role): rerunning the same search resumes it instead of mixing studies."""
-    config = json.dumps({"search": params.search.model_dump(exclude={"workers", "runner", "dask_address", "storage",
-                                                                      "enabled", "compare_epochs"}),
-                         role: getattr(params, role).model_dump(), "seed": params.seed}, sort_keys=True)
+def study_name(params: Params, role: str, dataset_id: str, proxy_point: dict | None = None) -> str:
+    """Stable per (data, search config, role): rerunning the same search resumes it instead of mixing studies.
+
+    n_trials is a budget, not part of the study: raising it resumes the study with more trials. The student study
+    also depends on its proxy teacher (the teacher's model and the best teacher point it trains with).
+    """
+    config = {"search": params.search.model_dump(exclude={"workers", "runner", "dask_address", "storage",
+                                                          "enabled", "compare_epochs", "n_trials"}),
+              role: getattr(params, role).model_dump(), "seed": params.seed}
+    if role == "student":
+        config["proxy"] = {"teacher": params.teacher.model_dump(), "point": proxy_point}
+    config = json.dumps(config, sort_keys=True)
     return f"kdprune-{role}-{dataset_id}-{hashlib.sha256(config.encode()).hexdigest()[:10]}"
 
 
@@ -158,7 +171,8 @@ def run_trial(trial: optuna.Trial, setup: TrialSetup, prepared: dict, teacher: t
             run.log_metrics(row, step=row["epoch"])
             if not pareto:
                 trial.report(row["val_accuracy"], row["epoch"])
-                if trial.should_prune():
+                # only before the last epoch: after it the budget is spent and the trial is complete, not pruned
+                if row["epoch"] < role.train.epochs and trial.should_prune():
                     pruned_at.append(row["epoch"])
                     raise optuna.TrialPruned(f"epoch {row['epoch']}: val_accuracy {row['val_accuracy']:.4f}")
 
@@ -197,9 +211,9 @@ def optimize_worker(setup: TrialSetup, n_trials: int, worker: int = 0) -> int:
     Each worker seeds its sampler with seed + worker index: equal seeds would propose the same points.
     """
     search = setup.params.search
-    sampler = optuna.samplers.TPESampler(seed=search.seed + worker, n_startup_trials=min(5, search.n_trials))
-    study = optuna.load_study(study_name=setup.study_name, storage=open_storage(setup.storage), sampler=sampler,
+    study = optuna.load_study(study_name=setup.study_name, storage=open_storage(setup.storage),
                               pruner=_pruner(setup))
+    study.sampler = make_sampler(search, worker, len(study.trials))
     prepared = data_mod.load_prepared(setup.prepared_path)
     teacher = load_model(setup.teacher_path)[0].to(setup.device) if setup.teacher_path else None
     if len(study.trials) >= search.n_trials:
@@ -209,6 +223,16 @@ def optimize_worker(setup: TrialSetup, n_trials: int, worker: int = 0) -> int:
                    catch=(TrainingDiverged,),  # a diverged trial is FAILED; the study goes on
                    callbacks=[optuna.study.MaxTrialsCallback(search.n_trials, states=None)])
     return len(study.trials)
+
+
+def make_sampler(search: SearchParams, worker: int = 0, existing: int = 0) -> optuna.samplers.BaseSampler:
+    """The TPE sampler of one worker joining a study that already holds `existing` trials.
+
+    Seeded with seed + worker index (equal seeds would propose the same points); a resumed study (existing > 0)
+    also moves the seed past those of earlier runs, else the fresh sampler would replay their proposals.
+    """
+    return optuna.samplers.TPESampler(seed=search.seed + worker + 10_000 * existing,
+                                      n_startup_trials=min(5, search.n_trials))
 
 
 def _pruner(setup: TrialSetup):
@@ -289,7 +313,8 @@ def search(params: Params, paths, tracker=NullTracker(), device: torch.device | 
     save_model(paths.search_dir / "proxy_teacher.pt", proxy, proxy_params.teacher.model.model_dump(), (c, size, size),
                prepared["classes"])
 
-    student_setup = TrialSetup(role="student", study_name=study_name(params, "student", prepared["dataset_id"]),
+    student_setup = TrialSetup(role="student", study_name=study_name(params, "student", prepared["dataset_id"],
+                                                                     teacher_point),
                                teacher_path=paths.search_dir / "proxy_teacher.pt", **base)
     student_study = _run_study(student_setup, run_workers)
     student_trials = [t for t in student_study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -345,10 +370,13 @@ def write_pareto(paths, front: list[optuna.trial.FrozenTrial], trials: list[optu
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter([t.values[1] for t in trials], [t.values[0] for t in trials], c="lightgray", label="trials")
     front_sorted = sorted(front, key=lambda t: t.values[1])
-    ax.plot([t.values[1] for t in front_sorted], [t.values[0] for t in front_sorted], "o-", c="tab:red", label="Pareto front")
+    ax.step([t.values[1] for t in front_sorted], [t.values[0] for t in front_sorted], "o-", where="post", c="tab:red",
+            label="Pareto front")
     for t in front_sorted:
-        ax.annotate(str(t.number), (t.values[1], t.values[0]), fontsize=7)
-    ax.set_xscale("log")
+        ax.annotate(f"#{t.number}", (t.values[1], t.values[0]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    macs = [t.values[1] for t in trials]
+    if min(macs) > 0 and max(macs) / min(macs) > 20:
+        ax.set_xscale("log")
     ax.set_xlabel("MACs per image")
     ax.set_ylabel("validation accuracy")
     ax.legend()

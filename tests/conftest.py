@@ -88,11 +88,28 @@ def tiny_params(tiny_raw):
     return config.parse(tiny_raw)
 
 
+def _mlflow_template() -> Path:
+    """An empty MLflow SQLite store, created once per session (its schema migrations take seconds)."""
+    template = _SESSION_TMP / "mlflow-template" / "mlflow.db"
+    if not template.exists():
+        from mlflow.tracking import MlflowClient
+
+        template.parent.mkdir(parents=True, exist_ok=True)
+        MlflowClient(f"sqlite:///{template}").search_experiments()
+    return template
+
+
+def fresh_mlflow_store(folder: Path) -> str:
+    """A new, empty MLflow store at folder/mlflow.db (a copy of the session's template); returns its URI."""
+    shutil.copy2(_mlflow_template(), folder / "mlflow.db")
+    return mlflow_uri(folder)
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
-    """A temporary project folder as the working directory, with MLflow's store in it."""
+    """A temporary project folder as the working directory, with an empty MLflow store in it."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fresh_mlflow_store(tmp_path))
     monkeypatch.delenv("KDPRUNE_TRACKING", raising=False)
     monkeypatch.delenv("KDPRUNE_PARENT_RUN_ID", raising=False)
     return tmp_path
@@ -199,6 +216,8 @@ def project(trained_project, workdir) -> Path:
     """A private copy of the trained project as the working directory."""
     for child in trained_project.iterdir():
         target = workdir / child.name
+        if target.exists():
+            continue
         if child.is_dir():
             shutil.copytree(child, target)
         else:

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up (.venv) and run the test suite (all of it, slow end-to-end tests included).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+source scripts/env.sh
+exec python -m pytest -q "$@"

@@ -1,0 +1,178 @@
+"""Every stage in-process on digits with tiny params and a NullTracker; promotion logic."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from conftest import CORE_STAGES, leftovers
+from kdprune import config
+from kdprune.checkpoint import load_model
+from kdprune.errors import KdpruneError
+from kdprune.io import read_json
+from kdprune.stages import MODEL_NAMES, STAGES, Paths, format_table, promotion_decision, run_stage, with_normalization
+from kdprune.tracking import NullTracker
+from conftest import tiny_params_dict
+
+CPU = torch.device("cpu")
+
+
+def test_core_stages_are_registered():
+    assert set(CORE_STAGES) <= set(STAGES)
+
+
+def test_all_outputs_exist(trained_project):
+    paths = Paths(trained_project)
+    assert paths.prepared.is_file()
+    for name in MODEL_NAMES:
+        assert paths.model(name).is_file(), name
+        assert paths.stage_metrics(name).is_file(), name
+        assert paths.curve(name).is_file(), name
+    assert paths.report_json.is_file() and paths.report_md.is_file()
+    assert leftovers(trained_project) == []
+
+
+def test_report_has_every_model(trained_project):
+    report = read_json(Paths(trained_project).report_json)
+    assert set(report["models"]) == set(MODEL_NAMES)
+    for name, row in report["models"].items():
+        for key in ("test_accuracy", "val_accuracy", "params", "macs", "cpu_latency_ms_b1", "cpu_latency_ms_batch",
+                    "size_kb"):
+            assert key in row, (name, key)
+        assert 0.0 <= row["test_accuracy"] <= 1.0
+        assert row["params"] > 0 and row["macs"] > 0 and row["cpu_latency_ms_b1"] > 0
+        assert row["latency_batch"] == 8
+    assert report["dataset"]["source"] == "digits" and report["dataset"]["classes"] == 10
+    models = report["models"]
+    assert models["teacher"]["params"] > models["student"]["params"]
+    assert models["student"]["params"] == models["distilled"]["params"]
+    assert models["pruned"]["macs"] <= 0.5 * models["distilled"]["macs"]
+    assert models["teacher"]["test_accuracy"] > 0.5  # ten classes: chance is 0.1
+
+
+def test_report_accuracy_matches_the_saved_model(trained_project):
+    """The report's test accuracy is the saved model's accuracy on the prepared test split."""
+    paths = Paths(trained_project)
+    prepared = torch.load(paths.prepared, weights_only=True)
+    report = read_json(paths.report_json)
+    for name in MODEL_NAMES:
+        model, payload = load_model(paths.model(name))
+        x = (prepared["test_x"].float() / 255 - prepared["mean"][None, :, None, None]) / prepared["std"][None, :, None, None]
+        with torch.no_grad():
+            accuracy = (model(x).argmax(1) == prepared["test_y"]).float().mean().item()
+        assert report["models"][name]["test_accuracy"] == pytest.approx(accuracy, abs=1e-4)
+        assert payload["extra"]["dataset_id"] == report["dataset"]["dataset_id"]
+
+
+def test_curves_and_stage_metrics(trained_project):
+    paths = Paths(trained_project)
+    expected_epochs = {"teacher": 2, "student": 2, "distilled": 2, "pruned": 1}
+    for name, epochs in expected_epochs.items():
+        rows = list(csv.DictReader(paths.curve(name).open()))
+        assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))
+        summary = read_json(paths.stage_metrics(name))
+        assert summary["epochs"] == epochs
+        assert summary["val_accuracy"] == pytest.approx(float(rows[-1]["val_accuracy"]))
+    pruned = read_json(paths.stage_metrics("pruned"))
+    assert pruned["macs_reduction"] >= 0.5
+    assert pruned["macs_before"] == read_json(paths.stage_metrics("distilled"))["macs"]
+
+
+def test_table_has_a_row_per_model(trained_project):
+    paths = Paths(trained_project)
+    table = paths.report_md.read_text()
+    # the JSON is written with sorted keys, so compare the rows regardless of their order
+    assert sorted(table.splitlines()) == sorted(format_table(read_json(paths.report_json)).splitlines())
+    for name in MODEL_NAMES:
+        assert sum(line.startswith(f"| {name} |") for line in table.splitlines()) == 1
+
+
+def test_register_without_tracking_registers_nothing(project, tiny_params):
+    result = run_stage("register", tiny_params, Paths(project), NullTracker(), CPU)
+    assert result["version"] is None and result["promoted"] is False
+    written = read_json(Paths(project).registration)
+    assert written["promoted"] is False and written["model_name"] == "kdprune-test"
+    report = read_json(Paths(project).report_json)
+    assert written["val_accuracy"] == report["models"]["pruned"]["val_accuracy"]
+
+
+def test_normalized_model_takes_unit_range_pixels(trained_project):
+    paths = Paths(trained_project)
+    model, payload = load_model(paths.model("pruned"))
+    served = with_normalization(model, payload["extra"]["mean"], payload["extra"]["std"])
+    prepared = torch.load(paths.prepared, weights_only=True)
+    pixels = prepared["val_x"][:4].float() / 255
+    mean = torch.tensor(payload["extra"]["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(payload["extra"]["std"]).view(1, -1, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(served(pixels), model((pixels - mean) / std), atol=1e-6)
+
+
+def test_unknown_stage(tiny_params, tmp_path):
+    with pytest.raises(KdpruneError, match="unknown stage 'tain'") as info:
+        run_stage("tain", tiny_params, Paths(tmp_path), NullTracker(), CPU)
+    assert "teacher" in str(info.value)
+
+
+@pytest.mark.parametrize("stage, missing", [("teacher", "prepared.pt"), ("evaluate", "prepared.pt")])
+def test_stage_without_its_inputs(tiny_params, tmp_path, stage, missing):
+    with pytest.raises(KdpruneError, match=missing):
+        run_stage(stage, tiny_params, Paths(tmp_path), NullTracker(), CPU)
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+def test_distill_needs_the_teacher(project, tiny_params):
+    (project / "models" / "teacher.pt").unlink()
+    before = (project / "models" / "distilled.pt").stat().st_mtime_ns
+    with pytest.raises(KdpruneError, match="teacher.pt"):
+        run_stage("distill", tiny_params, Paths(project), NullTracker(), CPU)
+    assert (project / "models" / "distilled.pt").stat().st_mtime_ns == before
+
+
+def test_diverging_stage_writes_nothing(project):
+    params = config.parse(tiny_params_dict(teacher={"model": {"arch": "resnet", "width": 8},
+                                                    "train": {"epochs": 2, "lr": 1e30, "warmup_epochs": 0}}))
+    (project / "models" / "teacher.pt").unlink()
+    (project / "metrics" / "teacher.json").unlink()
+    with pytest.raises(KdpruneError, match=r"teacher.*epoch 1"):
+        run_stage("teacher", params, Paths(project), NullTracker(), CPU)
+    assert not (project / "models" / "teacher.pt").exists()
+    assert not (project / "metrics" / "teacher.json").exists()
+    assert leftovers(project) == []
+
+
+def test_prepare_summary(tmp_path, tiny_params):
+    summary = run_stage("prepare", tiny_params, Paths(tmp_path), NullTracker(), CPU)
+    assert summary["train"] + summary["val"] + summary["test"] == 1797
+    assert summary["channels"] == 1 and summary["image_size"] == 8
+    assert json.loads(json.dumps(summary)) == summary  # JSON-friendly: MLflow and Prefect log it
+
+
+# ---------------------------------------------------------------------------------------- promotion
+CANDIDATE = {"val_accuracy": 0.9, "dataset_id": "abc", "test_accuracy": 0.88, "macs": 100}
+
+
+def test_promote_with_no_champion():
+    promote, reason = promotion_decision(CANDIDATE, None)
+    assert promote and "no current champion" in reason
+
+
+@pytest.mark.parametrize("theirs, expected", [("0.8", True), ("0.89999", True), ("0.9", False), ("0.95", False)])
+def test_promote_only_when_better_on_the_same_data(theirs, expected):
+    champion = {"version": "3", "val_accuracy": theirs, "dataset_id": "abc"}  # registry tags are strings
+    promote, reason = promotion_decision(CANDIDATE, champion)
+    assert promote is expected
+    assert "v3" in reason
+
+
+def test_promote_when_champion_saw_other_data():
+    promote, reason = promotion_decision(CANDIDATE, {"version": "2", "val_accuracy": "0.99", "dataset_id": "zzz"})
+    assert promote and "another dataset" in reason
+
+
+def test_champion_without_accuracy_is_not_beaten():
+    promote, _ = promotion_decision(CANDIDATE, {"version": "1", "dataset_id": "abc"})
+    assert promote is False  # NaN compares false: an unknown score is not overridden silently
