@@ -50,7 +50,7 @@ from kdprune.pruning import count_macs_params  # noqa: E402
 from kdprune.train import Split, evaluate  # noqa: E402
 
 LATENCY_BATCH = 512
-QUICK_SEED_EPOCHS = 3
+QUICK_SEED_EPOCHS = 2
 SEED_TRAIN = {
     "epochs": 10, "batch_size": 128, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0,
     "schedule": "constant", "warmup_epochs": 0, "label_smoothing": 0.0, "ema": None,
@@ -163,14 +163,14 @@ def latency_ms(model: torch.nn.Module, input_shape: tuple[int, ...], device: tor
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-    times = []
+    times, warmup = [], 3 if cuda else 1
     with torch.inference_mode(), autocast:
-        for i in range(3 + repeats):
+        for i in range(warmup + repeats):
             sync(device)
             started = time.perf_counter()
             model(x)
             sync(device)
-            if i >= 3:
+            if i >= warmup:
                 times.append((time.perf_counter() - started) * 1000)
     return statistics.median(times)
 

@@ -16,6 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 from kdprune import config
 from kdprune.cli import exit_on_sigterm
 from kdprune.errors import KdpruneError
+from kdprune.search import open_storage, storage_url
 from kdprune.stages import Paths, resolve_device
 from kdprune.tracking import MlflowTracker, NullTracker
 from flows.search import run_search
@@ -43,6 +44,8 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
     overrides = list(overrides or [])
     params = config.load(params_path, overrides)
     paths = Paths(Path(root))
+    if params.search.enabled:  # an unreachable study storage is one error line, before any training
+        open_storage(storage_url(params.search, paths.root))
     dev = resolve_device(device)
     tracker = MlflowTracker() if tracking and os.environ.get("KDPRUNE_TRACKING", "").lower() not in ("off", "0", "false") else NullTracker()
     with tracker.run("pipeline", tags={"kdprune.device": str(dev)}) as parent:

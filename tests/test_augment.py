@@ -161,24 +161,24 @@ def flip_safe_separable(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-@pytest.mark.parametrize("arch", ["airbench", "fastnet"])
-def test_fit_with_profile_options_learns_a_separable_set(arch):
-    xt, yt = flip_safe_separable(384, 0)
+def test_fit_with_profile_options_learns_a_separable_set():
+    """The GPU profile's options (airbench arch, Nesterov, BN lr x64, label smoothing, EMA, flip + translate +
+    cutout, flip TTA) on a tiny flip-safe task: the teacher learns it and a student distils from it."""
+    xt, yt = flip_safe_separable(256, 0)
     xv, yv = flip_safe_separable(128, 1)
     mean = (xt.float() / 255).mean(dim=(0, 2, 3))[None, :, None, None]
     std = (xt.float() / 255).std(dim=(0, 2, 3))[None, :, None, None]
     train, val = Split(xt, yt, mean, std), Split(xv, yv, mean, std)
-    params = TrainParams(epochs=4, batch_size=32, optimizer="nesterov", lr=0.05, momentum=0.85, weight_decay=0.0015,
-                         norm_lr_scale=64.0 if arch == "airbench" else 1.0, schedule="linear", warmup_epochs=1,
-                         label_smoothing=0.2, ema=0.9, augment=AugmentParams(flip=True, translate=1, cutout=3), tta=True)
+    params = TrainParams(epochs=6, batch_size=32, optimizer="nesterov", lr=0.05, momentum=0.85, weight_decay=0.0015,
+                         norm_lr_scale=64.0, schedule="linear", warmup_epochs=1, label_smoothing=0.2, ema=0.9,
+                         augment=AugmentParams(flip=True, translate=1, cutout=3), tta=True)
     torch.manual_seed(0)
-    model = build({"arch": arch, "width": 8, "depth": 1, "dropout": 0.0}, 1, 8, 2)
-    trained, history = fit(model, train, val, params, stage="unit", seed=0)
-    assert evaluate(trained, val, tta=True)["accuracy"] >= 0.9  # chance is 0.5
+    teacher, history = fit(build({"arch": "airbench", "width": 8, "depth": 1, "dropout": 0.0}, 1, 8, 2), train, val,
+                           params, stage="unit", seed=0)
+    assert evaluate(teacher, val, tta=True)["accuracy"] >= 0.9  # chance is 0.5
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    # and a student distils from it with the same options
+    assert history[-1]["val_accuracy"] == pytest.approx(evaluate(teacher, val, tta=True)["accuracy"])
     torch.manual_seed(1)
-    student = build({"arch": arch, "width": 4, "depth": 1, "dropout": 0.0}, 1, 8, 2)
-    distilled, _ = fit(student, train, val, params, stage="unit-kd", seed=0, teacher=trained,
-                       distill=DistillParams(temperature=4.0, alpha=0.9))
-    assert evaluate(distilled, val, tta=True)["accuracy"] >= 0.85
+    student, _ = fit(build({"arch": "airbench", "width": 4, "depth": 1, "dropout": 0.0}, 1, 8, 2), train, val,
+                     params, stage="unit-kd", seed=0, teacher=teacher, distill=DistillParams(temperature=2.0, alpha=0.9))
+    assert evaluate(student, val, tta=True)["accuracy"] >= 0.85

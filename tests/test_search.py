@@ -410,14 +410,14 @@ def test_dask_runner_runs_two_trials_per_study_on_a_local_cluster(search_root, m
 
 @pytest.mark.slow
 def test_pareto_mode_reports_a_front_of_non_dominated_trials(search_root):
-    params = search_params({"mode": "pareto", "n_trials": 3, "space": {"width": {"low": 4, "high": 8},
+    params = search_params({"mode": "pareto", "n_trials": 2, "space": {"width": {"low": 4, "high": 8},
                                                                         "prune_target": {"low": 0.2, "high": 0.5}}})
     tracker = MlflowTracker(tracking_uri=mlflow_uri(search_root), experiment="pareto")
     best = run_stage("search", params, Paths(search_root), tracker, CPU)
 
     assert best["mode"] == "pareto" and {"width", "prune_target"} <= set(best["student"])
-    studies, stored = _check_search_outputs(search_root, n_trials=3)
-    _check_nested_runs(tracker.tracking_uri, studies, stored, n_trials=3)
+    studies, stored = _check_search_outputs(search_root, n_trials=2)
+    _check_nested_runs(tracker.tracking_uri, studies, stored, n_trials=2)
     complete = [t for t in studies["student"].trials if t.state == State.COMPLETE]
     front = {t.number for t in studies["student"].best_trials}
     values = [tuple(t.values) for t in complete]

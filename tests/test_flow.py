@@ -1,0 +1,103 @@
+"""The Prefect flow end to end on digits (tiny epochs), with real Prefect (test harness) and real MLflow."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import CORE_STAGES, all_runs, mlflow_uri, tiny_params_dict, write_params
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def _markdown_artifacts(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+
+def test_pipeline_flow_end_to_end(prefect_harness, workdir):
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import pipeline
+    from kdprune.stages import MODEL_NAMES, STAGES, Paths
+
+    params_path = write_params(workdir / "params.yaml", tiny_params_dict())
+    state = pipeline(params_path=str(params_path), device="cpu", root=str(workdir), return_state=True)
+    assert state.is_completed(), state
+    result = state.result()
+
+    # outputs of every stage
+    paths = Paths(workdir)
+    for name in MODEL_NAMES:
+        assert paths.model(name).is_file()
+    assert set(result["report"]["models"]) == set(MODEL_NAMES)
+    assert result["registration"]["promoted"] is True
+    assert "not a DVC project" in result["dvc"]
+
+    # MLflow: one parent run, one nested run per stage, nothing left RUNNING
+    runs = all_runs(mlflow_uri(workdir))
+    assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
+    parents = [r for r in runs if r.info.run_name == "pipeline"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent_id = parents[0].info.run_id
+    children = [r for r in runs if r.info.run_id != parent_id]
+    assert all(r.data.tags.get("mlflow.parentRunId") == parent_id for r in children)
+    names = [r.info.run_name for r in children]
+    assert sorted(set(names)) == sorted(names)  # each stage once
+    assert set(CORE_STAGES) <= set(names) <= set(STAGES)
+    assert len(children) >= 7
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert all(r.data.tags.get("kdprune.stage") == r.info.run_name for r in children)
+    by_name = {r.info.run_name: r for r in children}
+    assert by_name["teacher"].data.metrics["final_epochs"] == 2
+    assert "pruned.test_accuracy" in parents[0].data.metrics
+
+    client = MlflowClient(mlflow_uri(workdir))
+    parent_artifacts = [a.path for a in client.list_artifacts(parent_id)]
+    assert "report.md" in parent_artifacts
+
+    # the registry holds a version with the champion alias, registered from the register stage's run
+    name = tiny_params_dict()["registry"]["model_name"]
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert str(champion.version) == str(result["registration"]["version"])
+    assert champion.run_id == by_name["register"].info.run_id
+
+    # Prefect: a Markdown artifact with the report table
+    artifacts = _markdown_artifacts(state.state_details.flow_run_id)
+    reports = [a for a in artifacts if a.key == "kdprune-report"]
+    assert len(reports) == 1 and reports[0].type == "markdown"
+    assert "| pruned |" in reports[0].data and "champion" in reports[0].data
+
+
+def test_flow_with_bad_params_fails_without_runs(prefect_harness, workdir):
+    from flows.pipeline import pipeline
+
+    write_params(workdir / "params.yaml", tiny_params_dict(prune={"target": 2}))
+    state = pipeline(params_path=str(workdir / "params.yaml"), device="cpu", root=str(workdir), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="prune.target"):
+        state.result()
+    assert all_runs(mlflow_uri(workdir)) == []
+    assert not (workdir / "data").exists()
+
+
+def test_flow_stage_failure_marks_runs_failed(prefect_harness, workdir):
+    from flows.pipeline import pipeline
+
+    write_params(workdir / "params.yaml",
+                 tiny_params_dict(data={"source": "imagefolder", "path": str(workdir / "missing")}))
+    state = pipeline(params_path=str(workdir / "params.yaml"), device="cpu", root=str(workdir), return_state=True)
+    assert state.is_failed()
+    runs = {r.info.run_name: r.info.status for r in all_runs(mlflow_uri(workdir))}
+    assert runs == {"pipeline": "FAILED", "prepare": "FAILED"}
