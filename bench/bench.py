@@ -13,8 +13,8 @@ table and as JSON (default bench/results/bench.json).
 Training seconds are fit() alone, with the device synchronised before and after. On CUDA, or with
 torch.compile on, each fit first runs an untimed one-epoch warm-up on a two-batch slice (cuDNN autotuning,
 compilation), so the timed run measures training. Latency: median of `evaluate.latency_repeats` forward passes
-of 512 images in eval mode; on CUDA under bf16 autocast with channels_last (as the models train), on the CPU in
-fp32. Peak memory: torch.cuda.max_memory_allocated on CUDA; on the CPU the process's peak RSS (getrusage), reset
+of 512 images in eval mode; on CUDA under bf16 autocast with channels_last (as the models train); on the CPU in
+fp32, and the fastest pass rather than the median (a shared CPU makes the others slower, not the model). Peak memory: torch.cuda.max_memory_allocated on CUDA; on the CPU the process's peak RSS (getrusage), reset
 before each training run where Linux allows it.
 
     python bench/bench.py --quick            # the CPU check: 5,000 / 1,000 images, profiles/cifar10-cpu-quick.yaml
@@ -155,7 +155,7 @@ class TimedFit:
 
 
 def latency_ms(model: torch.nn.Module, input_shape: tuple[int, ...], device: torch.device, repeats: int) -> float:
-    """Median milliseconds of one forward pass of LATENCY_BATCH images (bf16 + channels_last on CUDA)."""
+    """Milliseconds of one forward pass of LATENCY_BATCH images: median on CUDA (bf16, channels_last), min on the CPU."""
     model = model.eval().to(device)
     x = torch.randn(LATENCY_BATCH, *input_shape, device=device)
     cuda = device.type == "cuda"
@@ -172,7 +172,7 @@ def latency_ms(model: torch.nn.Module, input_shape: tuple[int, ...], device: tor
             sync(device)
             if i >= warmup:
                 times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
+    return statistics.median(times) if cuda else min(times)  # CPU: min, robust to other jobs on shared cores
 
 
 # ---------------------------------------------------------------------------------------------- running

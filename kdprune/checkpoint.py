@@ -31,8 +31,11 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict]:
         payload = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as error:  # noqa: BLE001 - corrupt or foreign files
         raise KdpruneError(f"{path}: not a kdprune model file ({error.__class__.__name__})") from None
-    c, size, _ = payload["input_shape"]
-    model = build(payload["spec"], c, size, len(payload["classes"]))
-    resize_to_state_dict(model, payload["state_dict"])
-    model.load_state_dict(payload["state_dict"])
+    try:
+        c, size, _ = payload["input_shape"]
+        model = build(payload["spec"], c, size, len(payload["classes"]))
+        resize_to_state_dict(model, payload["state_dict"])
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:  # a torch file, but not a kdprune model
+        raise KdpruneError(f"{path}: not a kdprune model file ({error.__class__.__name__})") from None
     return model.eval(), payload

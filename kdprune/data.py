@@ -238,7 +238,11 @@ def save_prepared(prepared: Prepared, path: Path) -> None:
 def load_prepared(path: Path) -> Prepared:
     if not Path(path).is_file():
         raise KdpruneError(f"{path}: prepared data not found; run the prepare stage first")
-    return torch.load(path, weights_only=True)
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - truncated or foreign files
+        raise KdpruneError(f"{path}: not a readable prepared-data file ({error.__class__.__name__}); "
+                           "run the prepare stage again") from None
 
 
 def describe(prepared: Prepared) -> dict:

@@ -205,27 +205,33 @@ def build(spec: dict[str, Any], channels: int, size: int, classes: int) -> nn.Mo
 
 
 def resize_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
-    """Shrink conv, linear and batch-norm layers to the shapes stored in `state_dict`.
+    """Shrink conv, linear and batch-norm layers, in place, to the shapes stored in `state_dict`.
 
     A pruned model is saved as its unpruned spec plus a state dict whose tensors carry the pruned shapes; this
-    rebuilds each layer from those stored shapes, so loading needs no pruning code and guesses nothing.
+    resizes each layer's tensors and channel counts from those stored shapes, keeping the layer's class and
+    settings (a ShiftNorm stays a ShiftNorm), so loading needs no pruning code and guesses nothing.
     """
-    for name, module in list(model.named_modules()):
-        key = f"{name}.weight" if name else "weight"
-        if key not in state_dict:
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if f"{prefix}weight" not in state_dict or state_dict[f"{prefix}weight"].shape == module.weight.shape:
             continue
-        shape = state_dict[key].shape
-        if isinstance(module, nn.Conv2d) and shape != module.weight.shape:
+        shape = state_dict[f"{prefix}weight"].shape
+        if isinstance(module, nn.Conv2d):
             if module.groups != 1:
                 raise ValueError(f"{name}: grouped convolutions cannot be resized from a state dict")
-            new: nn.Module = nn.Conv2d(shape[1], shape[0], module.kernel_size, module.stride, module.padding,
-                                       module.dilation, bias=module.bias is not None)
-        elif isinstance(module, nn.Linear) and shape != module.weight.shape:
-            new = nn.Linear(shape[1], shape[0], bias=module.bias is not None)
-        elif isinstance(module, nn.BatchNorm2d) and shape != module.weight.shape:
-            new = nn.BatchNorm2d(shape[0], eps=module.eps, momentum=module.momentum)
+            module.out_channels, module.in_channels = shape[0], shape[1]
+        elif isinstance(module, nn.Linear):
+            module.out_features, module.in_features = shape[0], shape[1]
+        elif isinstance(module, nn.BatchNorm2d):
+            module.num_features = shape[0]
         else:
             continue
-        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        setattr(parent, name.rpartition(".")[2], new)
+        for attr, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            key = f"{prefix}{attr}"
+            if key in state_dict and state_dict[key].shape != tensor.shape:
+                empty = torch.empty(state_dict[key].shape, dtype=tensor.dtype)
+                if isinstance(tensor, nn.Parameter):
+                    setattr(module, attr, nn.Parameter(empty, requires_grad=tensor.requires_grad))
+                else:
+                    setattr(module, attr, empty)
     return model

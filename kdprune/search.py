@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import re
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,8 +112,10 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     """The study storage; an unreachable or malformed URL is one error line naming search.storage."""
     try:
         # Heartbeats let a resumed study mark the trials of a killed worker FAIL instead of RUNNING forever.
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=30,
-                                          grace_period=120)
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and say so on stderr
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=30,
+                                              grace_period=120)
     except Exception as error:  # noqa: BLE001 - SQLAlchemy and drivers raise many types
         reason = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
         raise KdpruneError(f"search.storage: cannot open {redact(url)!r} ({redact(reason)[:200]})") from None

@@ -57,6 +57,13 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def _artifacts_beside(tracking_uri: str) -> str | None:
+    """For a SQLite store, keep artifacts in mlartifacts/ beside the database file, not in the working directory."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None  # a server or other store decides for itself
+    return (Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+
+
 class MlflowTracker:
     """Logs to MLflow by explicit run id (safe across Prefect's worker threads)."""
 
@@ -71,7 +78,8 @@ class MlflowTracker:
         self.client = MlflowClient(self.tracking_uri)
         name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "kdprune"
         found = self.client.get_experiment_by_name(name)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(name)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+            name, artifact_location=_artifacts_beside(self.tracking_uri))
         self.run_id = run_id
 
     def __getstate__(self) -> dict:

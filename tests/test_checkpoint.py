@@ -82,3 +82,16 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
         save_model(path, model, spec, (1, 8, 8), ["a", "b", "c"])
     assert not path.exists()
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("payload", [
+    {"weights": torch.zeros(3)},  # a torch file of something else
+    {"spec": {"arch": "resnet"}, "input_shape": [1, 8, 8], "classes": ["a"], "state_dict": {"x": torch.zeros(1)}},
+    [1, 2, 3],
+])
+def test_torch_file_that_is_not_a_model_is_refused(tmp_path, payload):
+    path = tmp_path / "model.pt"
+    torch.save(payload, path)
+    with pytest.raises(KdpruneError, match="not a kdprune model file") as info:
+        load_model(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)

@@ -216,7 +216,8 @@ def test_archive_without_split(tmp_path, missing):
 
 def test_test_class_absent_from_train(tmp_path):
     root = make_imagefolder(tmp_path / "images")
-    pattern_image(99, (8, 8), "L").save((root / "test" / "bird").mkdir() or root / "test" / "bird" / "0.png")
+    (root / "test" / "bird").mkdir()
+    pattern_image(99, (8, 8), "L").save(root / "test" / "bird" / "0.png")
     message = _load_error(root)
     assert "'bird'" in message and "train" in message
 
@@ -343,3 +344,14 @@ def test_cifar10_bad_checksum(tmp_path):
         data.load_cifar10_source(cache)  # the real md5: the junk file must be refused, with no download attempted
     assert str(junk) in str(info.value) and "\n" not in str(info.value)
     assert junk.read_bytes() == b"definitely not CIFAR-10"  # nothing overwritten
+
+
+def test_max_train_and_max_test_keep_seeded_subsets(digits_prepared):
+    params = DataParams(source="digits", max_train=100, max_test=50)
+    small = data.prepare(params, seed=0)
+    assert len(small["train_y"]) == 100 and len(small["test_y"]) == 50
+    assert torch.equal(small["val_x"], digits_prepared["val_x"])  # validation is not cut
+    assert _as_set(small["train_x"]) <= _as_set(digits_prepared["train_x"])
+    assert _as_set(small["test_x"]) <= _as_set(digits_prepared["test_x"])
+    again = data.prepare(params, seed=0)
+    assert torch.equal(again["train_x"], small["train_x"]) and torch.equal(again["test_x"], small["test_x"])

@@ -8,14 +8,13 @@ import json
 import pytest
 import torch
 
-from conftest import CORE_STAGES, leftovers
+from conftest import CORE_STAGES, leftovers, tiny_params_dict
 from kdprune import config
 from kdprune.checkpoint import load_model
 from kdprune.errors import KdpruneError
 from kdprune.io import read_json
 from kdprune.stages import MODEL_NAMES, STAGES, Paths, format_table, promotion_decision, run_stage, with_normalization
 from kdprune.tracking import NullTracker
-from conftest import tiny_params_dict
 
 CPU = torch.device("cpu")
 
