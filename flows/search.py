@@ -7,6 +7,7 @@ local cluster of search.workers processes when none is given. Every worker joins
 from __future__ import annotations
 
 from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
@@ -39,7 +40,12 @@ def task_runner_for(search: SearchParams):
 
 @flow(name="kdprune-search", log_prints=True, validate_parameters=False)
 def search_flow(params, paths, tracker, device) -> dict:
-    return run_stage("search", params, paths, tracker, device, run_workers=submit_workers)
+    best = run_stage("search", params, paths, tracker, device, run_workers=submit_workers)
+    report = paths.search_dir / "report.md"
+    if best.get("enabled") and report.is_file():
+        create_markdown_artifact(report.read_text(), key="kdprune-search-report",
+                                 description="defaults vs searched, on the same training budget")
+    return best
 
 
 def run_search(params, paths, tracker, device) -> dict:
