@@ -31,7 +31,7 @@ import torch
 
 from kdprune import data as data_mod
 from kdprune.checkpoint import load_model, save_model
-from kdprune.config import Params, SearchParams, SearchSpace, TrainParams
+from kdprune.config import Params, SearchParams, SearchSpace
 from kdprune.errors import KdpruneError, TrainingDiverged
 from kdprune.io import read_json, write_json, write_text
 from kdprune.models import build
