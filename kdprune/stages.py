@@ -21,6 +21,7 @@ from kdprune.io import read_json, write_json, write_text
 from kdprune.metrics import model_costs
 from kdprune.models import build
 from kdprune.pruning import count_macs_params, prune_to_target
+from kdprune.serving import with_normalization
 from kdprune.tracking import NullTracker
 from kdprune.train import Split, evaluate as evaluate_split, fit
 
@@ -240,23 +241,6 @@ def promotion_decision(candidate: dict, champion: dict | None) -> tuple[bool, st
     if ours > theirs:
         return True, f"validation accuracy {ours:.4f} beats champion v{champion['version']}'s {theirs:.4f}"
     return False, f"validation accuracy {ours:.4f} does not beat champion v{champion['version']}'s {theirs:.4f}"
-
-
-class Normalized(torch.nn.Module):
-    """The registered model: takes float images in [0, 1] (pixels / 255) and normalises them itself."""
-
-    def __init__(self, model: torch.nn.Module, mean: list[float], std: list[float]):
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x - self.mean) / self.std)
-
-
-def with_normalization(model: torch.nn.Module, mean: list[float], std: list[float]) -> torch.nn.Module:
-    return Normalized(model, mean, std).eval()
 
 
 def register(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:

@@ -9,7 +9,8 @@ import torch
 from conftest import all_runs, mlflow_uri
 from kdprune.checkpoint import load_model
 from kdprune.io import read_json, write_json
-from kdprune.stages import Paths, run_stage, with_normalization
+from kdprune.serving import with_normalization
+from kdprune.stages import Paths, run_stage
 from kdprune.tracking import MlflowTracker
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,8 @@ from kdprune import config
 from kdprune.checkpoint import load_model
 from kdprune.errors import KdpruneError
 from kdprune.io import read_json
-from kdprune.stages import MODEL_NAMES, STAGES, Paths, format_table, promotion_decision, run_stage, with_normalization
+from kdprune.stages import MODEL_NAMES, STAGES, Paths, format_table, promotion_decision, run_stage
+from kdprune.serving import with_normalization
 from kdprune.tracking import NullTracker
 
 CPU = torch.device("cpu")
