@@ -235,9 +235,20 @@ def _one_line(error: ValidationError, source: str) -> str:
     return f"{source}: {where}{message}{shown}"
 
 
+def _unshared(node: Any) -> Any:
+    """A deep copy in which no two places share one object. A YAML anchor (`train: *schedule`) loads as one dict
+    shared by several sections; copy.deepcopy and a YAML round trip both keep that sharing, so an override of one
+    section would change the others too."""
+    if isinstance(node, dict):
+        return {key: _unshared(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_unshared(value) for value in node]
+    return node
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `key.sub=value` overrides (values parsed as YAML), as `dvc exp run -S` does."""
-    raw = yaml.safe_load(yaml.safe_dump(raw)) or {}  # deep copy
+    raw = _unshared(raw)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
