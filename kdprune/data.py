@@ -52,6 +52,20 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+def download(url: str, target: Path, md5: str) -> None:
+    """Download `url` to `target` through a temporary name, renamed only once the md5 matches: a dropped connection
+    leaves nothing behind, so a retry starts clean. Every failure here is a retryable DownloadError."""
+    from torchvision.datasets.utils import download_url
+
+    with atomic_path(target) as tmp:
+        try:
+            download_url(url, str(tmp.parent), tmp.name)
+        except Exception as error:  # noqa: BLE001 - any network failure is reported the same way
+            raise DownloadError(f"{url}: download failed ({(str(error).splitlines() or [type(error).__name__])[0]})") from None
+        if _md5(tmp) != md5:  # e.g. a connection closed early without an error
+            raise DownloadError(f"{url}: checksum mismatch after download (md5 should be {md5})")
+
+
 def load_cifar10_source(cache: Path, md5: str = CIFAR10_MD5, url: str = CIFAR10_URL):
     """CIFAR-10's python archive: downloaded into `cache` once (md5 checked), then read without extracting."""
     archive = cache / Path(url).name
@@ -59,16 +73,7 @@ def load_cifar10_source(cache: Path, md5: str = CIFAR10_MD5, url: str = CIFAR10_
         if _md5(archive) != md5:
             raise KdpruneError(f"{archive}: checksum mismatch (md5 should be {md5}); delete it to download again")
     else:
-        from torchvision.datasets.utils import download_url
-
-        cache.mkdir(parents=True, exist_ok=True)
-        try:
-            download_url(url, str(cache), archive.name, md5)  # writes, then verifies the md5
-        except Exception as error:  # noqa: BLE001 - any network failure is reported the same way
-            raise DownloadError(f"{url}: download failed ({error})") from error
-        if not archive.exists() or _md5(archive) != md5:
-            archive.unlink(missing_ok=True)
-            raise KdpruneError(f"{archive}: checksum mismatch after download (md5 should be {md5})")
+        download(url, archive, md5)
     batches: dict[str, dict] = {}
     for name, read in _tar_members(archive):
         stem = PurePosixPath(name).name
