@@ -59,6 +59,22 @@ def test_shipped_params_have_no_anchors_or_merge_keys(path):
     assert "<<" not in [e.value for e in events if isinstance(e, yaml.ScalarEvent)]
 
 
+@pytest.mark.parametrize("path", [REPO / "params.yaml", *sorted((REPO / "profiles").glob("*.yaml"))],
+                         ids=lambda p: p.name)
+def test_dvc_set_param_changes_only_the_key_it_sets(tmp_path, path):
+    # the code behind `dvc exp run -S` (DVC's YAML round trip), on a copy of each shipped params file
+    from dvc.utils.hydra import apply_overrides as dvc_set
+
+    copy = tmp_path / "params.yaml"
+    copy.write_text(path.read_text())
+    dvc_set(copy, ["distill.temperature=2.5"])
+    before, after = path.read_text().splitlines(), copy.read_text().splitlines()
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    assert len(before) == len(after) and len(changed) == 1, changed
+    assert changed[0][1].split("#")[0].split() == ["temperature:", "2.5"]
+    assert config.load(copy).distill.temperature == 2.5
+
+
 def test_override_of_one_section_leaves_an_anchored_twin_alone(tmp_path):
     # a params file written by hand with an anchor: teacher and student load as one shared dict
     path = tmp_path / "params.yaml"
