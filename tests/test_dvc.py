@@ -38,7 +38,7 @@ def ran_stages(output: str) -> set[str]:
 
 
 def cached_outs(repo: Path) -> list[Path]:
-    """The outputs dvc.yaml keeps in the cache (not `cache: false`)."""
+    """The files of the outputs dvc.yaml keeps in the cache (not `cache: false`); a directory out gives its files."""
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
     outs = []
     for stage in stages.values():
@@ -47,7 +47,7 @@ def cached_outs(repo: Path) -> list[Path]:
                 outs.append(repo / out)
             elif all(opts.get("cache", True) for opts in out.values()):
                 outs += [repo / name for name in out]
-    return outs
+    return [file for out in outs for file in (sorted(f for f in out.rglob("*") if f.is_file()) if out.is_dir() else [out])]
 
 
 def init_project(repo: Path, params_text: str) -> Path:
