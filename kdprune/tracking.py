@@ -202,6 +202,8 @@ class MlflowTracker:
                                                     description="held by a kdprune run deciding the alias")
                 break
             except MlflowException as error:
+                if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+                    continue  # SQL stores: our insert lost to a holder that released before the error was built
                 if error.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
             try:
