@@ -151,6 +151,7 @@ def test_champion_with_other_classes_is_not_replaced_blindly(project, tiny_param
 def test_lineage_names_the_runs_that_made_the_model(project, tiny_params):
     from mlflow.tracking import MlflowClient
 
+    Paths(project).onnx.write_bytes(b"an ONNX file from the export stage")  # logged with the version when present
     tracker = MlflowTracker()
     with tracker.run("pipeline") as parent:
         evaluated = run_stage("evaluate", tiny_params, Paths(project), parent, CPU)
@@ -161,3 +162,5 @@ def test_lineage_names_the_runs_that_made_the_model(project, tiny_params):
     tags = client.get_model_version(tiny_params.registry.model_name, result["version"]).tags
     assert tags["lineage.run.evaluate"] == runs["evaluate"] and tags["lineage.run.register"] == runs["register"]
     assert "lineage.run.teacher" not in tags  # made without tracking: no run to name
+    artifacts = [a.path for a in client.list_artifacts(runs["register"])]
+    assert "pruned.onnx" in artifacts
