@@ -83,7 +83,7 @@ def decide(candidate: dict, champion: dict | None, policy) -> Decision:
     version = champion["version"]
     numbers = {"champion_version": version, **paired_counts(candidate["correct"], champion["correct"])}
     gain, p = numbers["gain"], numbers["p_value"]
-    summary = (f"{numbers['wins']} images won, {numbers['losses']} lost vs champion v{version} "
+    summary = (f"images won {numbers['wins']}, lost {numbers['losses']} vs champion v{version} "
                f"({numbers['candidate_accuracy']:.4f} vs {numbers['champion_accuracy']:.4f} on the same "
                f"{numbers['images']} validation images, McNemar p={p:.3g})")
     if gain < policy.min_gain:
