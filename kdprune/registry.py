@@ -83,9 +83,14 @@ def decide(candidate: dict, champion: dict | None, policy) -> Decision:
     version = champion["version"]
     numbers = {"champion_version": version, **paired_counts(candidate["correct"], champion["correct"])}
     gain, p = numbers["gain"], numbers["p_value"]
+    if champion.get("dataset_id") and champion["dataset_id"] != candidate.get("dataset_id"):
+        numbers["champion_other_data"] = True
     summary = (f"images won {numbers['wins']}, lost {numbers['losses']} vs champion v{version} "
                f"({numbers['candidate_accuracy']:.4f} vs {numbers['champion_accuracy']:.4f} on the same "
                f"{numbers['images']} validation images, McNemar p={p:.3g})")
+    if numbers.get("champion_other_data"):  # see README, "Leakage"
+        summary += ("; the champion was validated on other data and may have trained on some of these images, "
+                    "which only favours it")
     if gain < policy.min_gain:
         return Decision(False, f"not promoted: {summary}; needs a gain of at least {policy.min_gain}", numbers)
     if p > policy.max_p_value:

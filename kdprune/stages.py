@@ -295,10 +295,6 @@ def register(params: Params, paths: Paths, tracker=NullTracker(), device: torch.
             decision = registry.Decision(False, why_not, {"champion_version": champion["version"]})
         else:
             decision = registry.decide({**candidate, "correct": correct}, champion, params.registry)
-        if champion and champion.get("dataset_id") != candidate["dataset_id"] and "correct" in champion:
-            decision = registry.Decision(decision.promote, decision.reason + (
-                "; the champion was validated on other data and may have trained on some of these images "
-                "(which only favours the champion)"), decision.numbers)
         version = tracker.register(model, name, {**tags, "promotion": decision.reason[:5000]}) if model else None
         promote, reason = decision.promote, decision.reason
         if version is None:

@@ -54,6 +54,15 @@ def test_clear_gain_promotes_and_reports_its_numbers():
                                 "p_value": round(0.5 ** 10, 6)}
 
 
+def test_champion_from_other_data_is_flagged():
+    decision = registry.decide({"correct": correct(90), "dataset_id": "new"},
+                               champion(correct(80), dataset_id="old"), policy())
+    assert decision.promote and decision.numbers["champion_other_data"] is True and "other data" in decision.reason
+    same = registry.decide({"correct": correct(90), "dataset_id": "new"}, champion(correct(80), dataset_id="new"),
+                           policy())
+    assert "champion_other_data" not in same.numbers and "other data" not in same.reason
+
+
 def test_min_gain():
     cand, champ = {"correct": correct(90)}, champion(correct(80))
     assert registry.decide(cand, champ, policy(min_gain=10)).promote
