@@ -109,6 +109,14 @@ class EvaluateParams(Strict):
 class RegisterParams(Strict):
     model_name: str = Field(default="kdprune", min_length=1)
     alias: str = Field(default="champion", min_length=1)
+    # The gate (kdprune/registry.py): the champion is re-scored on the candidate's validation images, and the
+    # candidate must get at least `min_gain` more of them right, with an exact one-sided McNemar p <= max_p_value
+    # (1.0 = no test), at no more than max_macs_ratio x the champion's MACs (and max_latency_ratio x its batch-1
+    # CPU latency when set; latency measured on other machines or days is noisy, so it is off by default).
+    min_gain: int = Field(default=1, ge=1)
+    max_p_value: float = Field(default=0.05, gt=0, le=1)
+    max_macs_ratio: float = Field(default=1.1, gt=0)
+    max_latency_ratio: float | None = Field(default=None, gt=0)
 
 
 class ServeParams(Strict):
