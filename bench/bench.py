@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "bench.json", help="JSON results")
     parser.add_argument("--train-fraction", type=float, nargs="+", default=None, metavar="F",
                         help="run the limited-data sweep instead: these fractions (0 < F <= 1) of the profile's "
-                             "training subset; each trains for the same number of steps as the full subset")
+                             "training subset; each trains for as many optimizer steps as the full subset")
     parser.add_argument("--loader-workers", type=int, default=0,
                         help="DataLoader workers of the seed+DataLoader rows (default 0, as the seed's code)")
     parser.add_argument("--seeds", type=int, default=3, help="sweep: seeds 0 .. N-1 (the data subset and the init)")
@@ -307,13 +307,18 @@ def run_dataloader_rows(params: config.Params, paths: stages.Paths, fit_rows: li
 
 # ------------------------------------------------------------------------------------- limited-data sweep
 def sweep_params(profile_raw: dict, seed: int, fraction: float, full_train: int) -> config.Params:
-    """The profile at `seed` on `fraction` of its training subset, its epochs scaled by 1 / fraction so that every
-    fraction trains for the same number of optimizer steps (the same compute)."""
-    raw = config.apply_overrides(profile_raw, [f"seed={seed}", f"data.max_train={max(1, round(fraction * full_train))}"])
+    """The profile at `seed` on `fraction` of its training subset. Every fraction trains for the same number of
+    optimizer steps (the same compute): the epochs (and warm-up) grow by the full subset's steps per epoch over
+    this subset's. Validation is only observed in the sweep, so it shrinks to 100 images to keep the many short
+    epochs of a small fraction cheap."""
+    n = max(1, round(fraction * full_train))
+    raw = config.apply_overrides(profile_raw, [f"seed={seed}", f"data.max_train={n}", "data.val_fraction=0.002"])
     for role in ("teacher", "student"):
         train = dict(raw[role]["train"])
-        train["epochs"] = max(1, round(train.get("epochs", 10) / fraction))
-        train["warmup_epochs"] = train.get("warmup_epochs", 1.0) / fraction
+        batch = train.get("batch_size", 128)
+        ratio = (full_train // min(batch, full_train)) / max(1, n // min(batch, n))
+        train["epochs"] = max(1, round(train.get("epochs", 10) * ratio))
+        train["warmup_epochs"] = train.get("warmup_epochs", 1.0) * ratio
         raw[role]["train"] = train
     raw.pop("search", None)
     return config.parse(raw, "sweep")
