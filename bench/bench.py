@@ -92,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--loader-workers", type=int, default=0,
                         help="DataLoader workers of the seed+DataLoader rows (default 0, as the seed's code)")
     parser.add_argument("--seeds", type=int, default=3, help="sweep: seeds 0 .. N-1 (the data subset and the init)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="sweep: the teacher's and student's epochs on the full subset (default: the profile's; "
+                             "the warm-up scales with them)")
     parser.add_argument("--methods", nargs="+", default=list(KD_METHODS), choices=KD_METHODS,
                         help="sweep: distill.method values to compare")
     args = parser.parse_args(argv)
@@ -306,7 +309,8 @@ def run_dataloader_rows(params: config.Params, paths: stages.Paths, fit_rows: li
 
 
 # ------------------------------------------------------------------------------------- limited-data sweep
-def sweep_params(profile_raw: dict, seed: int, fraction: float, full_train: int) -> config.Params:
+def sweep_params(profile_raw: dict, seed: int, fraction: float, full_train: int,
+                 epochs: int | None = None) -> config.Params:
     """The profile at `seed` on `fraction` of its training subset. Every fraction trains for the same number of
     optimizer steps (the same compute): the epochs (and warm-up) grow by the full subset's steps per epoch over
     this subset's. Validation is only observed in the sweep, so it shrinks to 100 images to keep the many short
@@ -317,6 +321,9 @@ def sweep_params(profile_raw: dict, seed: int, fraction: float, full_train: int)
         train = dict(raw[role]["train"])
         batch = train.get("batch_size", 128)
         ratio = (full_train // min(batch, full_train)) / max(1, n // min(batch, n))
+        if epochs is not None:  # --epochs: a shorter (or longer) run of the same recipe
+            train["warmup_epochs"] = train.get("warmup_epochs", 1.0) * epochs / train.get("epochs", 10)
+            train["epochs"] = epochs
         train["epochs"] = max(1, round(train.get("epochs", 10) * ratio))
         train["warmup_epochs"] = train.get("warmup_epochs", 1.0) * ratio
         raw[role]["train"] = train
@@ -336,7 +343,7 @@ def run_sweep(args: argparse.Namespace, profile_raw: dict, device: torch.device)
         full_train = base.data.max_train or stages.prepare(base, stages.Paths(workdir / "count"))["train"]
         for seed in range(args.seeds):
             for fraction in args.train_fraction:
-                params = sweep_params(profile_raw, seed, fraction, full_train)
+                params = sweep_params(profile_raw, seed, fraction, full_train, args.epochs)
                 paths = stages.Paths(workdir / f"s{seed}-f{fraction}")
                 described = stages.prepare(params, paths)
                 test = Split.from_prepared(data_mod.load_prepared(paths.prepared), "test", device)
