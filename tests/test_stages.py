@@ -176,3 +176,19 @@ def test_promote_when_champion_saw_other_data():
 def test_champion_without_accuracy_is_not_beaten():
     promote, _ = promotion_decision(CANDIDATE, {"version": "1", "dataset_id": "abc"})
     assert promote is False  # NaN compares false: an unknown score is not overridden silently
+
+
+@pytest.mark.parametrize("method", ["dkd", "fitnets"])
+def test_distill_and_prune_stages_with_each_method(project, method):
+    """distill.method reaches both KD stages; FitNets' adapter and hooks stay out of the saved models."""
+    params = config.parse(tiny_params_dict(distill={"method": method, "temperature": 4.0, "alpha": 0.9}))
+    saved = {}
+    for stage, name in (("distill", "distilled"), ("prune", "pruned")):
+        before = Paths(project).model(name).read_bytes()
+        summary = run_stage(stage, params, Paths(project), NullTracker(), CPU)
+        assert 0.0 <= summary["val_accuracy"] <= 1.0
+        assert Paths(project).model(name).read_bytes() != before
+        saved[name], _ = load_model(Paths(project).model(name))
+    for model in saved.values():
+        assert not any(m._forward_hooks for m in model.modules())
+        assert not any("adapter" in key for key in model.state_dict())
