@@ -89,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-fraction", type=float, nargs="+", default=None, metavar="F",
                         help="run the limited-data sweep instead: these fractions (0 < F <= 1) of the profile's "
                              "training subset; each trains for as many optimizer steps as the full subset")
+    parser.add_argument("--recipes", nargs="+", choices=("seed", "profile"), default=["seed", "profile"],
+                        help="which of (a)+(a') and (b) to run (default both)")
     parser.add_argument("--loader-workers", type=int, default=0,
                         help="DataLoader workers of the seed+DataLoader rows (default 0, as the seed's code)")
     parser.add_argument("--seeds", type=int, default=3, help="sweep: seeds 0 .. N-1 (the data subset and the init)")
@@ -400,19 +402,24 @@ def sweep_table(rows: list[dict], models: list[str]) -> str:
 
 def summarise(rows: list[dict], params: config.Params, quick: bool) -> tuple[dict, list[str]]:
     get = {(r["recipe"], r["model"]): r for r in rows}
+    summary, lines = {}, []
+    for model in ("teacher", "student"):
+        if ("seed+DataLoader", model) in get:
+            ours, theirs = get[("seed", model)]["images_per_second"], get[("seed+DataLoader", model)]["images_per_second"]
+            summary[f"data_path_speedup_{model}"] = ours / theirs
+            lines.append(f"seed {model} ({get[('seed', model)]['arch']}), project data path vs torchvision DataLoader: "
+                         f"{ours:,.0f} vs {theirs:,.0f} images/s = {ours / theirs:.2f}x")
+    if ("profile", "teacher") not in get:  # --recipes seed
+        return summary, lines
     teacher, student = get[("profile", "teacher")], get[("profile", "student")]
     distilled, pruned = get[("profile", "distilled")], get[("profile", "pruned")]
-    summary = {
+    summary |= {
         "pruned_latency_speedup": distilled["latency_ms_b512"] / pruned["latency_ms_b512"],
         "pruned_macs_ratio": distilled["macs"] / pruned["macs"],
         "student_macs_fraction": distilled["macs"] / teacher["macs"],
         "kd_gain_points": 100 * (distilled["test_accuracy"] - student["test_accuracy"]),
         "distilled_gap_points": 100 * (teacher["test_accuracy"] - distilled["test_accuracy"]),
     }
-    for model in ("teacher", "student"):
-        if ("seed+DataLoader", model) in get:
-            ratio = get[("seed", model)]["images_per_second"] / get[("seed+DataLoader", model)]["images_per_second"]
-            summary[f"data_path_speedup_{model}"] = ratio
     if ("seed", "teacher") in get:
         seed_teacher = get[("seed", "teacher")]
         summary["teacher_vs_seed_points"] = 100 * (teacher["test_accuracy"] - seed_teacher["test_accuracy"])
@@ -426,18 +433,12 @@ def summarise(rows: list[dict], params: config.Params, quick: bool) -> tuple[dic
         "pruned (round_to 8) >= 2x fewer MACs": (summary["pruned_macs_ratio"] >= TARGETS["prune_macs_ratio"]
                                                  and params.prune.round_to == TARGETS["round_to"]),
     }
-    lines = [
+    lines += [
         f"pruned vs distilled: {summary['pruned_latency_speedup']:.2f}x faster at batch {LATENCY_BATCH}, "
         f"{summary['pruned_macs_ratio']:.2f}x fewer MACs",
         f"student / teacher MACs: 1/{1 / summary['student_macs_fraction']:.1f}; KD gain "
         f"{summary['kd_gain_points']:+.2f} points; distilled {summary['distilled_gap_points']:.2f} points below the teacher",
     ]
-    for model in ("teacher", "student"):
-        if f"data_path_speedup_{model}" in summary:
-            lines.append(f"seed {model} ({get[('seed', model)]['arch']}), project data path vs torchvision DataLoader: "
-                         f"{get[('seed', model)]['images_per_second']:,.0f} vs "
-                         f"{get[('seed+DataLoader', model)]['images_per_second']:,.0f} images/s = "
-                         f"{summary[f'data_path_speedup_{model}']:.2f}x")
     if "teacher_vs_seed_points" in summary:
         lines.append(f"profile teacher vs seed teacher: {summary['teacher_vs_seed_points']:+.2f} points, "
                      f"{summary['teacher_vs_seed_time_ratio']:.2f}x the training time")
@@ -488,9 +489,13 @@ def main(argv: list[str] | None = None) -> int:
         seed_prepared["mean"] = torch.full_like(seed_prepared["mean"], 0.5)  # Normalize((0.5,) * 3, (0.5,) * 3)
         seed_prepared["std"] = torch.full_like(seed_prepared["std"], 0.5)
         data_mod.save_prepared(seed_prepared, seed_paths.prepared)
-        rows = run_recipe("seed", seed_params, seed_paths, ["teacher", "student", "distilled"], timer, device)
-        rows += run_dataloader_rows(seed_params, seed_paths, rows, device, args.loader_workers)
-        rows += run_recipe("profile", params, profile_paths, ["teacher", "student", "distilled", "pruned"], timer, device)
+        rows = []
+        if "seed" in args.recipes:
+            rows += run_recipe("seed", seed_params, seed_paths, ["teacher", "student", "distilled"], timer, device)
+            rows += run_dataloader_rows(seed_params, seed_paths, rows, device, args.loader_workers)
+        if "profile" in args.recipes:
+            rows += run_recipe("profile", params, profile_paths, ["teacher", "student", "distilled", "pruned"], timer,
+                               device)
     finally:
         stages.fit = timer.fit
         shutil.rmtree(workdir, ignore_errors=True)
