@@ -293,7 +293,9 @@ def run_dataloader_rows(params: config.Params, paths: stages.Paths, fit_rows: li
 
     prepared = data_mod.load_prepared(paths.prepared)
     val, test = (Split.from_prepared(prepared, s, device) for s in ("val", "test"))
-    train_images = (len(prepared["train_y"]) // params.student.train.batch_size) * params.student.train.batch_size
+    n = len(prepared["train_y"])
+    batch = min(params.student.train.batch_size, n)
+    train_images = (n // batch) * batch  # fit drops the last partial batch
     rows = []
     for fit_row in fit_rows:
         if fit_row["model"] not in ("teacher", "student"):
