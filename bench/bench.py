@@ -25,7 +25,7 @@ before each training run where Linux allows it.
 
     python bench/bench.py --quick            # the CPU check: 5,000 / 1,000 images, profiles/cifar10-cpu-quick.yaml
     python bench/bench.py                    # the full set with profiles/cifar10-gpu.yaml (on the GPU machine)
-    python bench/bench.py --quick --train-fraction 0.1 1 --seeds 3     # KD methods x data fraction, mean +- std
+    python bench/bench.py --quick --train-fraction 0.1 1 --seeds 0 1 2   # KD methods x data fraction, mean +- std
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="which of (a)+(a') and (b) to run (default both)")
     parser.add_argument("--loader-workers", type=int, default=0,
                         help="DataLoader workers of the seed+DataLoader rows (default 0, as the seed's code)")
-    parser.add_argument("--seeds", type=int, default=3, help="sweep: seeds 0 .. N-1 (the data subset and the init)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="sweep: these seeds (each seeds the data subset, the split and the init; default 0 1 2)")
     parser.add_argument("--epochs", type=int, default=None,
                         help="sweep: the teacher's and student's epochs on the full subset (default: the profile's; "
                              "the warm-up scales with them)")
@@ -345,7 +346,7 @@ def run_sweep(args: argparse.Namespace, profile_raw: dict, device: torch.device)
     rows = []
     try:
         full_train = base.data.max_train or stages.prepare(base, stages.Paths(workdir / "count"))["train"]
-        for seed in range(args.seeds):
+        for seed in args.seeds:
             for fraction in args.train_fraction:
                 params = sweep_params(profile_raw, seed, fraction, full_train, args.epochs)
                 paths = stages.Paths(workdir / f"s{seed}-f{fraction}")
@@ -371,7 +372,7 @@ def run_sweep(args: argparse.Namespace, profile_raw: dict, device: torch.device)
         shutil.rmtree(workdir, ignore_errors=True)
     table = sweep_table(rows, ["teacher", "student", *args.methods])
     print()
-    print(f"limited-data sweep on {device}, profile {args.profile}, seeds 0..{args.seeds - 1}; "
+    print(f"limited-data sweep on {device}, profile {args.profile}, seeds {', '.join(map(str, args.seeds))}; "
           f"test accuracy mean +- std over seeds (gain: paired difference to the student alone)")
     print(table)
     args.out.write_text(json.dumps({"profile": str(args.profile), "device": str(device), "rows": rows,
