@@ -34,6 +34,8 @@ def _stage_module(model: nn.Module, index: int, role: str) -> nn.Module:
 
 
 class Distiller:
+    """The teacher and the loss of `params.method` for one `fit`; FitNets' hooks and adapter (see the module doc)."""
+
     def __init__(self, teacher: nn.Module, student: nn.Module, params: DistillParams, example: torch.Tensor,
                  steps_per_epoch: int):
         self.teacher = teacher.eval().requires_grad_(False)
@@ -43,8 +45,10 @@ class Distiller:
         self._features: dict[str, torch.Tensor] = {}
         self._hooks = []
         if params.method == "fitnets":
-            self._hook(_stage_module(student, params.hint.stage, "student"), "student")
-            self._hook(_stage_module(teacher, params.hint.stage, "teacher"), "teacher")
+            stages = (_stage_module(student, params.hint.stage, "student"),
+                      _stage_module(teacher, params.hint.stage, "teacher"))  # both checked before any hook
+            self._hook(stages[0], "student")
+            self._hook(stages[1], "teacher")
             was_training = student.training
             with torch.no_grad():  # eval mode: no batch-norm statistics or whitening set by the probe
                 student.eval()(example)

@@ -147,6 +147,10 @@ def test_a_stage_out_of_range_is_one_line_naming_the_field():
     with pytest.raises(KdpruneError, match=r"distill\.hint\.stage: -4 is out of range for the student \(SeedSmall has 3"):
         Distiller(teacher, student, DistillParams(method="fitnets", hint=HintParams(stage=-4)),
                   torch.randn(2, 1, 8, 8), 1)
+    with pytest.raises(KdpruneError, match=r"distill\.hint\.stage: 3 is out of range for the teacher"):
+        Distiller(student, teacher, DistillParams(method="fitnets", hint=HintParams(stage=3)),
+                  torch.randn(2, 1, 8, 8), 1)  # roles swapped: a resnet student (4 stages), a seed_small teacher (3)
+    assert hooks(student) == 0 and hooks(teacher) == 0  # nothing was hooked before the checks
 
 
 def test_the_probe_leaves_the_student_untouched():
