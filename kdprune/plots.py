@@ -17,7 +17,8 @@ def sensitivity_plot(rows: list[dict], path: Path, unit: str, baseline: float, c
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     rows = sorted(rows, key=lambda r: r["target"])
-    ax.plot([r["target"] for r in rows], [r["val_accuracy"] for r in rows], "o-", label=rows[0]["label"] if rows else "")
+    if rows:
+        ax.plot([r["target"] for r in rows], [r["val_accuracy"] for r in rows], "o-", label=rows[0]["label"])
     ax.axhline(baseline, color="grey", linestyle="--", label="distilled (unpruned)")
     if chosen is not None:
         ax.plot([chosen["target"]], [chosen["val_accuracy"]], "*", markersize=12, label=chosen["label"])

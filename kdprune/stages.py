@@ -251,13 +251,12 @@ def prune(params: Params, paths: Paths, tracker=NullTracker(), device: torch.dev
     }
     summary = _train_and_save("pruned", model, payload["spec"], p.finetune, params, paths, tracker, device,
                               teacher=teacher_model, extra=extra, splits=splits)
-    if p.sensitivity:
-        summary["sensitivity"] = _sensitivity(ranked, example, cost, p, round_to, global_ranking, unit, kd, val,
-                                              device, distilled_accuracy=evaluate_split(distilled.to(device), val)["accuracy"],
-                                              chosen={"target": target, "val_accuracy": summary["val_accuracy"]},
-                                              path=paths.sensitivity_plot)
-        write_json(paths.stage_metrics("pruned"), summary)
-        tracker.log_artifact(paths.sensitivity_plot)
+    summary["sensitivity"] = _sensitivity(ranked, example, cost, p, round_to, global_ranking, unit, kd, val, device,
+                                          distilled_accuracy=evaluate_split(distilled.to(device), val)["accuracy"],
+                                          chosen={"target": target, "val_accuracy": summary["val_accuracy"]},
+                                          path=paths.sensitivity_plot)
+    write_json(paths.stage_metrics("pruned"), summary)
+    tracker.log_artifact(paths.sensitivity_plot)
     return summary
 
 
