@@ -30,7 +30,8 @@ from kdprune.errors import KdpruneError
 # No layer loses more than this fraction of its channels. Above it torch-pruning skips layers whose count would
 # round to zero, so the cost stops falling with the ratio and bisection would no longer hold.
 MAX_LAYER_RATIO = 0.85
-BISECTIONS = 12
+SCAN = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, MAX_LAYER_RATIO)
+BISECTIONS = 7  # within a 0.1 scan step: ratio to 1/1280, finer than a channel of these layers
 
 
 def count_macs_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
@@ -83,25 +84,34 @@ class Search:
 
 def search_ratio(model: nn.Module, example: torch.Tensor, cost: Callable[[nn.Module], float], goal: float,
                  round_to: int = 1, global_ranking: bool = False, what: str = "prune.target") -> Search:
-    """The smallest pruning ratio whose pruned copy has `cost(copy) <= goal` (bisection; cost falls with the ratio).
+    """The smallest pruning ratio whose pruned copy has `cost(copy) <= goal`; the input model is left untouched.
 
-    `cost` is relative to the unpruned model (1.0 = no saving). The input model is left untouched.
+    `cost` is relative to the unpruned model (1.0 = no saving). A coarse scan finds the first ratio that reaches
+    the goal (the cost is not monotone near the top, where layers stop being pruned), then bisection between it
+    and the scan point before it.
     """
     def attempt(ratio: float) -> tuple[nn.Module, float]:
         candidate = prune_at_ratio(copy.deepcopy(model), example, ratio, round_to, global_ranking)
-        return candidate, cost(candidate)
+        value = cost(candidate)
+        tried.append((round(ratio, 4), round(value, 4)))
+        return candidate, value
 
-    tried = []
-    best_model, best_cost = attempt(MAX_LAYER_RATIO)
-    tried.append((MAX_LAYER_RATIO, best_cost))
-    if best_cost > goal:
-        raise KdpruneError(f"{what}: unreachable: pruning {MAX_LAYER_RATIO:.0%} of every layer's channels leaves "
-                           f"{best_cost:.0%} of the cost (goal {goal:.0%})")
-    low, high = 0.0, MAX_LAYER_RATIO
+    tried: list[tuple[float, float]] = []
+    low, best = 0.0, None
+    for ratio in SCAN:
+        candidate, value = attempt(ratio)
+        if value <= goal:
+            best = (ratio, candidate, value)
+            break
+        low = ratio
+    if best is None:
+        lowest = min(value for _, value in tried)
+        raise KdpruneError(f"{what}: unreachable: the most pruned model tried keeps {lowest:.0%} of the cost "
+                           f"(goal {goal:.0%})")
+    high, best_model, best_cost = best
     for _ in range(BISECTIONS):
         mid = (low + high) / 2
         candidate, value = attempt(mid)
-        tried.append((mid, value))
         if value <= goal:
             high, best_model, best_cost = mid, candidate, value
         else:

@@ -266,7 +266,11 @@ def _sensitivity(ranked, example, cost, p, round_to, global_ranking, unit, kd, v
     label = (f"after a {p.sensitivity_epochs}-epoch KD fine-tune" if p.sensitivity_epochs else "right after pruning")
     rows = []
     for target in p.sensitivity:
-        found = search_within(ranked, example, cost, 1 - target, round_to, global_ranking, p.tolerance)
+        try:
+            found = search_within(ranked, example, cost, 1 - target, round_to, global_ranking, p.tolerance)
+        except KdpruneError as error:  # a point past what pruning can reach is left off the curve, and said so
+            print(f"prune: sensitivity point {target:.0%} left out: {error}", file=sys.stderr)
+            continue
         model = kd(found.model, p.sensitivity_epochs, f"sensitivity {target:.0%}") if p.sensitivity_epochs else found.model
         rows.append({"target": target, "achieved": round(1 - found.cost, 4), "label": label,
                      "val_accuracy": evaluate_split(model.to(device), val)["accuracy"]})
