@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import CORE_STAGES, leftovers, tiny_params_dict
+from conftest import CORE_STAGES, deep_update, leftovers, tiny_params_dict
 from kdprune import config
 from kdprune.checkpoint import load_model
 from kdprune.errors import KdpruneError
@@ -176,3 +176,43 @@ def test_promote_when_champion_saw_other_data():
 def test_champion_without_accuracy_is_not_beaten():
     promote, _ = promotion_decision(CANDIDATE, {"version": "1", "dataset_id": "abc"})
     assert promote is False  # NaN compares false: an unknown score is not overridden silently
+
+
+def test_report_states_requested_and_achieved_pruning(trained_project):
+    report = read_json(Paths(trained_project).report_json)
+    pruning, models = report["pruning"], report["models"]
+    assert pruning["requested_macs_reduction"] == 0.5 and pruning["requested_latency_reduction"] is None
+    # a 4-channel stem moves in 25% steps: 56.6% is the closest either ranking gets to 50% from above
+    assert 0.5 <= pruning["achieved_macs_reduction"] <= 0.57
+    assert pruning["achieved_macs_reduction"] == read_json(Paths(trained_project).stage_metrics("pruned"))["macs_reduction"]
+    speedup = models["distilled"]["cpu_latency_ms_batch"] / models["pruned"]["cpu_latency_ms_batch"]
+    assert pruning["speedup_batch"] == pytest.approx(speedup, rel=0.01)
+    assert pruning["speedup_efficiency_batch"] == pytest.approx(speedup / pruning["macs_ratio"], rel=0.01)
+    assert pruning["channels"]["stem.0"][0] == 4 and pruning["channels"]["stem.0"][1] < 4
+    assert pruning["channels"]["head.3"] == [10, 10]
+    assert models["pruned"]["latency_threads"] == 1
+    table = Paths(trained_project).report_md.read_text()
+    assert "speed-up efficiency" in table and "| stem.0 | 4 |" in table
+
+
+def test_prune_stage_sparse_in_rounds(project, tiny_raw):
+    """method sparse trains under the penalty first; steps 2 prunes in two rounds with a KD fine-tune between them."""
+    raw = deep_update(tiny_raw, {"prune": {"method": "sparse", "steps": 2, "target": 0.4, "sensitivity": [0.3],
+                                           "sparsity": {"reg": 0.01, "epochs": 1}}})
+    summary = run_stage("prune", config.parse(raw), Paths(project), NullTracker(), CPU)
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert [r["goal"] for r in summary["rounds"]] == pytest.approx([0.8, 0.6])
+    assert summary["method"] == "sparse" and 0.4 <= summary["macs_reduction"] <= 0.5
+    assert [row["target"] for row in summary["sensitivity"]] == [0.3]
+    assert Paths(project).sensitivity_plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert read_json(Paths(project).stage_metrics("pruned"))["rounds"] == summary["rounds"]
+    assert leftovers(project) == []
+
+
+def test_latency_target_on_missing_cuda_is_one_line(project, tiny_raw):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    raw = deep_update(tiny_raw, {"prune": {"latency_target": 0.3, "runtime": "cuda"}})
+    with pytest.raises(KdpruneError, match="prune.runtime") as info:
+        run_stage("prune", config.parse(raw), Paths(project), NullTracker(), CPU)
+    assert "\n" not in str(info.value)
