@@ -4,6 +4,10 @@ This module is the project's one latency estimator (the stages, the pruner's lat
 Models that are compared are measured side by side: a fixed number of intra-op threads (recorded), a warm-up,
 then repeats that take turns across the models (a different model first each round), so a burst of load from other
 jobs on a shared machine slows all of them alike. The statistic is the median of the repeats.
+
+Two clocks: wall time (what a user waits) and the process's CPU time. With one thread on a CPU shared with other
+jobs, CPU time is the better estimate of the wall time on an idle core: it does not count the time the scheduler
+gives to others. The pruner's latency target uses it in that case (`pruner_clock`).
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ def compare_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], 
                     device: torch.device = torch.device("cpu"), threads: int | None = 1) -> dict:
     """Milliseconds of one forward pass of `batch` images for each model, measured interleaved.
 
-    Returns {"ms": {name: median ms}, "threads": n, "batch": batch, "repeats": repeats, "statistic": "median",
-    "device": str}. On CUDA the models run as they train there (channels_last, bf16 autocast), synchronised.
+    Returns {"ms": {name: median wall ms}, "cpu_ms": {name: median process CPU ms}, "threads": n, "batch": batch,
+    "repeats": repeats, "statistic": "median", "device": str}. On CUDA the models run as they train there
+    (channels_last, bf16 autocast), synchronised.
     """
     cuda = device.type == "cuda"
     x = torch.randn(batch, *input_shape, device=device)
@@ -53,6 +58,7 @@ def compare_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     times: dict[str, list[float]] = {name: [] for name in prepared}
+    cpu_times: dict[str, list[float]] = {name: [] for name in prepared}
     names = list(prepared)
     with _threads(None if cuda else threads) as used, autocast:
         for name in names:
@@ -61,12 +67,19 @@ def compare_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], 
         for r in range(repeats):
             for name in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
                 sync()
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 prepared[name](x)
                 sync()
                 times[name].append((time.perf_counter() - start) * 1000)
-    return {"ms": {name: statistics.median(t) for name, t in times.items()}, "threads": used, "batch": batch,
+                cpu_times[name].append((time.process_time() - cpu_start) * 1000)
+    return {"ms": {name: statistics.median(t) for name, t in times.items()},
+            "cpu_ms": {name: statistics.median(t) for name, t in cpu_times.items()}, "threads": used, "batch": batch,
             "repeats": repeats, "statistic": STATISTIC, "device": str(device)}
+
+
+def pruner_clock(device: torch.device, threads: int | None) -> str:
+    """"cpu_ms" (process CPU time) for one thread on the CPU, where it is immune to other jobs; else "ms" (wall)."""
+    return "cpu_ms" if device.type == "cpu" and threads == 1 else "ms"
 
 
 def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch: int, repeats: int,
@@ -91,9 +104,11 @@ def layer_channels(model: nn.Module) -> dict[str, int]:
 def latency_cost(base: nn.Module, input_shape: tuple[int, ...], batch: int, repeats: int,
                  device: torch.device = torch.device("cpu"), threads: int | None = 1):
     """A cost function for the pruner: a model's latency as a fraction of `base`'s, the two measured interleaved
-    (so load from other jobs cancels out of the ratio). Models go back to the CPU afterwards."""
+    (so load from other jobs cancels out of the ratio), on `pruner_clock`. Models go back to the CPU afterwards."""
+    clock = pruner_clock(device, threads)
+
     def cost(model: nn.Module) -> float:
-        ms = compare_latency({"base": base, "pruned": model}, input_shape, batch, repeats, device, threads)["ms"]
+        ms = compare_latency({"base": base, "pruned": model}, input_shape, batch, repeats, device, threads)[clock]
         base.cpu(), model.cpu()
         return ms["pruned"] / ms["base"]
 

@@ -21,7 +21,7 @@ from kdprune.checkpoint import load_model, save_model
 from kdprune.config import Params, RoleParams, TrainParams
 from kdprune.io import read_json, write_json, write_text
 from kdprune.errors import KdpruneError
-from kdprune.metrics import compare_latency, latency_cost, layer_channels, model_costs
+from kdprune.metrics import compare_latency, latency_cost, layer_channels, model_costs, pruner_clock
 from kdprune.models import build
 from kdprune.plots import sensitivity_plot
 from kdprune.pruning import (SparsityPenalty, count_macs_params, default_round_to, macs_cost, prune_in_rounds,
@@ -231,12 +231,12 @@ def prune(params: Params, paths: Paths, tracker=NullTracker(), device: torch.dev
 
     macs_before, params_before = count_macs_params(distilled, example)
     macs_after, _ = count_macs_params(model, example)
-    latency = {}
+    clock = pruner_clock(runtime, p.latency_threads)
+    latency = {"latency_clock": clock}
     for batch in (1, p.latency_batch):
         measured = compare_latency({"distilled": distilled, "pruned": model}, input_shape, batch, p.latency_repeats,
-                                   runtime, p.latency_threads)
-        latency[f"latency_reduction_b{batch}"] = round(1 - measured["ms"]["pruned"] / measured["ms"]["distilled"], 4)
-        latency["latency_threads"] = measured["threads"]
+                                   runtime, p.latency_threads)[clock]
+        latency[f"latency_reduction_b{batch}"] = round(1 - measured["pruned"] / measured["distilled"], 4)
     distilled.cpu(), model.cpu()
     channels_after = layer_channels(model)
     extra = {
@@ -299,14 +299,16 @@ def evaluate(params: Params, paths: Paths, tracker=NullTracker(), device: torch.
         models[name] = model.cpu()
     # all four models measured side by side (interleaved), so their latencies compare
     e = params.evaluate
-    for key, batch in (("cpu_latency_ms_b1", 1), ("cpu_latency_ms_batch", e.latency_batch)):
+    for suffix, batch in (("b1", 1), ("batch", e.latency_batch)):
         measured = compare_latency(models, input_shape, batch, e.latency_repeats, threads=e.latency_threads)
-        for name, ms in measured["ms"].items():
-            rows[name][key] = round(ms, 3)
+        for name in models:
+            rows[name][f"cpu_latency_ms_{suffix}"] = round(measured["ms"][name], 3)  # wall
+            rows[name][f"cpu_time_ms_{suffix}"] = round(measured["cpu_ms"][name], 3)  # process CPU time
+    clock = "cpu_time_ms" if pruner_clock(torch.device("cpu"), e.latency_threads) == "cpu_ms" else "cpu_latency_ms"
     for row in rows.values():
         row.update(latency_batch=e.latency_batch, latency_threads=measured["threads"], latency_statistic=measured["statistic"])
     report = {"dataset": data_mod.describe(prepared), "models": rows,
-              "pruning": pruning_summary(models["distilled"], models["pruned"], rows, params.prune)}
+              "pruning": pruning_summary(models["distilled"], models["pruned"], rows, params.prune, clock)}
     write_json(paths.report_json, report)
     table = format_table(report)
     write_text(paths.report_md, table)
@@ -316,15 +318,18 @@ def evaluate(params: Params, paths: Paths, tracker=NullTracker(), device: torch.
     return report
 
 
-def pruning_summary(distilled: torch.nn.Module, pruned: torch.nn.Module, rows: dict, prune_params) -> dict:
+def pruning_summary(distilled: torch.nn.Module, pruned: torch.nn.Module, rows: dict, prune_params,
+                    clock: str = "cpu_latency_ms") -> dict:
     """Requested vs achieved reduction, measured speed-up, speed-up efficiency (speed-up / MACs ratio) and the
-    channels of every layer before and after pruning."""
+    channels of every layer before and after pruning. Latencies from `clock`: wall ("cpu_latency_ms") or process
+    CPU time ("cpu_time_ms", the steadier one with one thread on a shared CPU)."""
     d, q = rows["distilled"], rows["pruned"]
     macs_ratio = d["macs"] / q["macs"]
     out = {"requested_macs_reduction": None if prune_params.latency_target is not None else prune_params.target,
-           "requested_latency_reduction": prune_params.latency_target,
+           "requested_latency_reduction": prune_params.latency_target, "latency_clock": clock,
            "achieved_macs_reduction": round(1 - q["macs"] / d["macs"], 4), "macs_ratio": round(macs_ratio, 3)}
-    for key, suffix in (("cpu_latency_ms_b1", "b1"), ("cpu_latency_ms_batch", "batch")):
+    for suffix in ("b1", "batch"):
+        key = f"{clock}_{suffix}"
         speedup = d[key] / q[key]
         out[f"achieved_latency_reduction_{suffix}"] = round(1 - q[key] / d[key], 4)
         out[f"speedup_{suffix}"] = round(speedup, 3)
@@ -343,21 +348,25 @@ def format_table(report: dict) -> str:
         f"Dataset: {report['dataset']['source']} ({report['dataset']['train']} train / {report['dataset']['val']} val / "
         f"{report['dataset']['test']} test, {report['dataset']['classes']} classes, id {report['dataset']['dataset_id']})",
         "",
-        f"| model | test acc | val acc | params | MACs | size (KB) | CPU ms (batch 1) | CPU ms (batch {batch}) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| model | test acc | val acc | params | MACs | size (KB) | CPU ms (batch 1) | CPU ms (batch {batch}) |"
+        f"{' CPU-time ms (batch 1) | CPU-time ms (batch ' + str(batch) + ') |' if 'cpu_time_ms_b1' in first else ''}",
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if "cpu_time_ms_b1" in first else ""),
     ]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['test_accuracy']:.2%} | {r['val_accuracy']:.2%} | {r['params']:,} | {r['macs']:,} | "
-                     f"{r['size_kb']:,} | {r['cpu_latency_ms_b1']:.3f} | {r['cpu_latency_ms_batch']:.2f} |")
+                     f"{r['size_kb']:,} | {r['cpu_latency_ms_b1']:.3f} | {r['cpu_latency_ms_batch']:.2f} |"
+                     + (f" {r['cpu_time_ms_b1']:.3f} | {r['cpu_time_ms_batch']:.2f} |" if "cpu_time_ms_b1" in r else ""))
     if "latency_threads" in first:
-        lines += ["", f"CPU latency: {first['latency_statistic']} of interleaved repeats across the models, "
-                      f"{first['latency_threads']} thread(s), after warm-up."]
+        lines += ["", f"CPU ms: wall time; CPU-time ms: the process's CPU time (with one thread on a shared CPU, the "
+                      f"better estimate of an idle core). Both: {first['latency_statistic']} of interleaved repeats "
+                      f"across the models, {first['latency_threads']} thread(s), after warm-up."]
     pruning = report.get("pruning")
     if pruning:
         def pct(v):
             return "-" if v is None else f"{v:.1%}"
 
-        lines += ["", "| pruned vs distilled | requested | achieved |", "|---|---:|---:|",
+        clock = "CPU time" if pruning.get("latency_clock") == "cpu_time_ms" else "wall time"
+        lines += ["", f"| pruned vs distilled (latency: {clock}) | requested | achieved |", "|---|---:|---:|",
                   f"| MACs reduction | {pct(pruning['requested_macs_reduction'])} | {pct(pruning['achieved_macs_reduction'])} |",
                   f"| latency reduction (batch {batch}) | {pct(pruning['requested_latency_reduction'])} | "
                   f"{pct(pruning['achieved_latency_reduction_batch'])} |",
