@@ -48,17 +48,31 @@ def default_round_to(runtime: str) -> int:
     return 8 if runtime == "cuda" else 1
 
 
+def _frozen(layer: nn.Module) -> bool:
+    weight = getattr(layer, "weight", None)
+    return isinstance(layer, (nn.Conv2d, nn.Linear)) and weight is not None and not weight.requires_grad
+
+
+class LearnedMagnitudeImportance(tp.importance.GroupMagnitudeImportance):
+    """Group L2 norm over the layers that learn. A frozen layer's filter norms say nothing of importance (airbench's
+    patch whitening: they are 1/sqrt(eigenvalue), largest for the noisiest directions), so its output channels are
+    ranked by how much the layers that read them use them."""
+
+    def __call__(self, group):
+        learned = tp.dependency.Group()
+        learned._DG = group._DG
+        learned._group = [item for item in group._group if not _frozen(item.dep.layer)]
+        return super().__call__(learned if learned._group else group)
+
+
 def _ignored(model: nn.Module) -> list[nn.Module]:
-    """The classifier (its outputs are the classes) and frozen layers (airbench's patch whitening: filter norms
-    there are 1/sqrt(eigenvalue), not importance) stay whole."""
-    classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
-    frozen = [m for m in model.modules() if isinstance(m, nn.Conv2d) and not m.weight.requires_grad]
-    return classifier + frozen
+    """The classifier's outputs are the classes: they stay whole."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
 
 
 def _pruner(model: nn.Module, example: torch.Tensor, ratio: float, round_to: int, global_ranking: bool,
             cls=tp.pruner.MetaPruner, **kwargs) -> tp.pruner.MetaPruner:
-    return cls(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=ratio,
+    return cls(model, example, importance=LearnedMagnitudeImportance(p=2), pruning_ratio=ratio,
                global_pruning=global_ranking, max_pruning_ratio=MAX_LAYER_RATIO, ignored_layers=_ignored(model),
                round_to=round_to if round_to > 1 else None, **kwargs)
 
@@ -68,7 +82,11 @@ def prune_at_ratio(model: nn.Module, example: torch.Tensor, ratio: float, round_
     """Remove `ratio` of the prunable channels in one step, in place (per layer, or ranked across layers)."""
     if ratio > 0:
         model.eval()
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
         _pruner(model, example, ratio, round_to, global_ranking).step()
+        for name, p in model.named_parameters():  # torch-pruning re-creates pruned parameters as trainable
+            if name in frozen:
+                p.requires_grad_(False)
     return model
 
 
@@ -194,7 +212,7 @@ def group_norms(model: nn.Module, example: torch.Tensor) -> dict[str, torch.Tens
     """L2 norm of each prunable channel group, keyed by the name of the group's first conv/linear layer."""
     dg = tp.DependencyGraph().build_dependency(model.eval(), example)
     names = {m: n for n, m in model.named_modules()}
-    importance = tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)
+    importance = LearnedMagnitudeImportance(p=2, normalizer=None)
     out = {}
     for group in dg.get_all_groups(ignored_layers=_ignored(model), root_module_types=[nn.Conv2d, nn.Linear]):
         out[names[group[0].dep.target.module]] = importance(group).sqrt()
