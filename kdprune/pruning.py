@@ -3,12 +3,14 @@
 torch-pruning tracks the dependencies (residual adds, batch norms, the next layer's inputs), so a pruned model is
 a smaller dense model. How many channels go is *searched*: each candidate is a one-shot prune of a copy of the
 model at a pruning ratio, its cost (MACs, or latency measured side by side with the unpruned model) is compared
-with the goal, and bisection on the ratio finds the smallest ratio that reaches the goal. Channel counts move in
+with the goal, and a scan then bisection on the ratio finds the smallest ratio that reaches the goal. Channel counts move in
 steps (whole channels, multiples of `round_to`), so the result lands at the target or just past it; the
 achieved figure is returned, never assumed.
 
 Two ways to rank channels (`method`):
 - magnitude: the L2 norm of each channel group of the trained model; every layer loses the same fraction.
+  Frozen layers (airbench's patch whitening) are pruned too, their outputs ranked by the learned layers that
+  read them: on the CPU that wide, full-resolution layer is most of the quick student's latency.
 - sparse (learned sparsity): training first adds a group-sparsity penalty (torch-pruning's GroupNormPruner,
   lambda * group L2 norms, strongest on the weakest groups) while distilling from the teacher, so the data decides
   which groups fade; the groups driven down are then removed with one global ranking, so layers lose what they
