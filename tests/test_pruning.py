@@ -181,3 +181,18 @@ def test_sparsity_penalty_drives_groups_down_and_those_are_removed():
         kept = layers[bn].running_var.shape[0]
         expected = norms.argsort(descending=True)[:kept].sort().values  # the strongest groups survive, in order
         assert torch.equal(layers[bn].running_var, original[bn].running_var[expected]), name
+
+
+def test_frozen_whitening_is_pruned_by_its_readers_and_stays_frozen():
+    """airbench's patch whitening is frozen: its outputs go by how much the next (learned) conv reads them."""
+    model = tiny("airbench", width=8, channels=3, size=16)
+    whiten, reader = model.features[0].conv, model.features[2]
+    with torch.no_grad():
+        reader.weight.normal_()  # distinct norms (the dirac init ties them)
+    readers_norm = reader.weight.detach().transpose(0, 1).flatten(1).norm(dim=1)
+    pruned = prune_at_ratio(copy.deepcopy(model), torch.zeros(1, 3, 16, 16), 0.5)
+    kept_whiten = pruned.features[0].conv
+    assert kept_whiten.out_channels == whiten.out_channels // 2
+    assert not kept_whiten.weight.requires_grad and kept_whiten.bias.requires_grad
+    expected = readers_norm.argsort(descending=True)[: kept_whiten.out_channels].sort().values
+    assert torch.equal(kept_whiten.weight, whiten.weight[expected])
