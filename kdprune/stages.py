@@ -267,7 +267,8 @@ def _sensitivity(ranked, example, cost, p, round_to, global_ranking, unit, kd, v
     rows = []
     for target in p.sensitivity:
         try:
-            found = search_within(ranked, example, cost, 1 - target, round_to, global_ranking, p.tolerance)
+            found = search_within(ranked, example, cost, 1 - target, round_to, global_ranking, p.tolerance,
+                                  "prune.sensitivity")
         except KdpruneError as error:  # a point past what pruning can reach is left off the curve, and said so
             print(f"prune: sensitivity point {target:.0%} left out: {error}", file=sys.stderr)
             continue
