@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout, installed or not
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from kdprune import config, stages  # noqa: E402
+from kdprune import config, project, stages  # noqa: E402
 from kdprune import data as data_mod  # noqa: E402
 from kdprune.checkpoint import load_model  # noqa: E402
 from kdprune.pruning import count_macs_params  # noqa: E402
@@ -273,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     profile_raw, params = load_profile(args.profile, args.data)
     seed_params = seed_recipe(profile_raw, args.quick)
-    timer = TimedFit(stages.fit, device)
-    stages.fit = timer  # the stages call kdprune.train.fit through this name
+    timer = TimedFit(project.fit, device)
+    project.fit = timer  # the stages train through kdprune.project.train_new, which calls fit by this name
     workdir = Path(tempfile.mkdtemp(prefix="kdprune-bench-"))
     try:
         profile_paths, seed_paths = stages.Paths(workdir / "profile"), stages.Paths(workdir / "seed")
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_recipe("seed", seed_params, seed_paths, ["teacher", "student", "distilled"], timer, device)
         rows += run_recipe("profile", params, profile_paths, ["teacher", "student", "distilled", "pruned"], timer, device)
     finally:
-        stages.fit = timer.fit
+        project.fit = timer.fit
         shutil.rmtree(workdir, ignore_errors=True)
     summary, lines = summarise(rows, params, args.quick)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
