@@ -18,7 +18,7 @@ from kdprune import data as data_mod
 from kdprune.checkpoint import load_model
 from kdprune.config import Params
 from kdprune.io import write_json, write_text
-from kdprune.project import Paths, apply_point, effective_params, splits, train_new
+from kdprune.project import Paths, apply_point, effective_params, make_splits, train_new
 from kdprune.tracking import NullTracker
 from kdprune.train import evaluate
 
@@ -34,7 +34,7 @@ def compare(params: Params, paths: Paths, tracker=NullTracker(), device: torch.d
         return {"enabled": False}
     budget = params.search.compare
     prepared = data_mod.load_prepared(paths.prepared)
-    train, val, test = splits(prepared, device, ("train", "val", "test"))
+    train, val, test = make_splits(prepared, device, ("train", "val", "test"))
     teacher_model, _ = load_model(paths.model("teacher"))
     recipes = {"defaults": params, "searched": effective_params(params, paths)}
     rows = []

@@ -149,7 +149,7 @@ def new_model(model: ModelParams | dict, prepared: dict, seed: int) -> torch.nn.
         return build(spec, c, size, classes)
 
 
-def splits(prepared: dict, device: torch.device, names: tuple[str, ...] = ("train", "val")) -> list[Split]:
+def make_splits(prepared: dict, device: torch.device, names: tuple[str, ...] = ("train", "val")) -> list[Split]:
     return [Split.from_prepared(prepared, name, device) for name in names]
 
 
@@ -162,5 +162,6 @@ def train_new(model: ModelParams | torch.nn.Module, train_params: TrainParams, p
     """
     if not isinstance(model, torch.nn.Module):
         model = new_model(model, prepared, seed)
+    torch.manual_seed(seed)  # fit seeds its own shuffling and augmentation; dropout draws from the global RNG
     return fit(model, train, val, train_params, stage=stage, seed=seed, teacher=teacher,
                distill=distill if teacher is not None else None, on_epoch=on_epoch)

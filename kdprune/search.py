@@ -45,7 +45,7 @@ from kdprune.config import Params, SearchParams, SearchSpace
 from kdprune.errors import KdpruneError, TrainingDiverged
 from kdprune.io import write_json, write_text
 from kdprune.project import (AUGMENT_KEYS, TRAIN_KEYS, Paths, apply_point, input_spec, new_model, resolve_device,
-                             splits, train_new)
+                             make_splits, train_new)
 from kdprune.pruning import count_macs_params, prune_to_target
 from kdprune.tracking import NullTracker
 
@@ -233,7 +233,7 @@ def run_trial(trial: optuna.Trial, setup: TrialSetup, prepared: dict, teacher: t
     trial.set_user_attr("point", point)
     params = apply_point(setup.params, setup.role, point, fraction=search.fraction)
     role = getattr(params, setup.role)
-    train, val = splits(prepared, torch.device(setup.device))
+    train, val = make_splits(prepared, torch.device(setup.device))
     pruned: optuna.TrialPruned | None = None
     with setup.tracker.run(f"{setup.role}-trial-{trial.number}", tags={"kdprune.trial": trial.number}) as run:
         trial.set_user_attr("mlflow_run_id", run.run_id)

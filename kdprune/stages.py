@@ -18,7 +18,7 @@ from kdprune.checkpoint import load_model, save_model
 from kdprune.config import ModelParams, Params, TrainParams
 from kdprune.io import read_json, write_json, write_text
 from kdprune.metrics import model_costs
-from kdprune.project import Paths, effective_params, input_spec, resolve_device, train_new  # noqa: F401 - re-exported
+from kdprune.project import Paths, effective_params, input_spec, resolve_device, make_splits, train_new  # noqa: F401 - re-exported
 from kdprune.pruning import count_macs_params, prune_to_target
 from kdprune.serving import with_normalization
 from kdprune.tracking import NullTracker
@@ -38,7 +38,7 @@ def _write_curve(path: Path, history: list[dict]) -> None:
 
 def _splits(paths: Paths, device: torch.device) -> tuple[dict, Split, Split]:
     prepared = data_mod.load_prepared(paths.prepared)
-    return prepared, Split.from_prepared(prepared, "train", device), Split.from_prepared(prepared, "val", device)
+    return prepared, *make_splits(prepared, device)
 
 
 def _train_and_save(name: str, model: ModelParams | torch.nn.Module, spec: dict, train_params: TrainParams,
