@@ -57,6 +57,10 @@ class Paths:
         return self.root / "reports" / "registration.json"
 
     @property
+    def onnx(self) -> Path:
+        return self.root / "models" / "pruned.onnx"
+
+    @property
     def search_dir(self) -> Path:
         return self.root / "search"
 

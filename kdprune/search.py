@@ -54,7 +54,8 @@ WorkerRunner = Callable[[Callable[[int], Any], int], list]
 State = optuna.trial.TrialState
 COUNTED = (State.COMPLETE, State.PRUNED)  # what fills a study's n_trials; failed (diverged, killed) trials do not
 # The modules a trial runs: editing one of them starts new studies (and, in dvc.yaml, reruns the search stages).
-CODE_FILES = ("search", "project", "train", "models", "augment", "optim", "losses", "pruning", "data", "config")
+CODE_FILES = ("search", "project", "train", "distiller", "models", "augment", "optim", "losses", "pruning", "data",
+              "config")
 OWNER = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial, to fail the trials of a dead process
 
 
@@ -110,7 +111,8 @@ def file_fingerprint(path: Path) -> str:
 def trial_inputs(params: Params, role: str, dataset_id: str, teacher: str | None = None) -> dict:
     """Exactly what one role's trials read: searched keys are left out (the point replaces them), so are
     n_trials (a budget: raising it resumes), workers/runner/storage, eval-only tta, compile, and max_macs
-    (it only picks among finished trials). The student's trials also read the trained teacher (its hash)."""
+    (it only picks among finished trials). The student's trials also read the trained teacher (its hash) and the
+    distillation method's own params."""
     search, pareto = params.search, is_pareto(params.search, role)
     space = search.space.model_dump(exclude=({"temperature", "alpha"} if role == "teacher" else set())
                                     | (set() if pareto else {"width", "prune_target"}))
@@ -124,6 +126,7 @@ def trial_inputs(params: Params, role: str, dataset_id: str, teacher: str | None
               "code": code_fingerprint()}
     if role == "student":
         inputs["teacher"] = teacher
+        inputs["distill"] = params.distill.model_dump(exclude={"temperature", "alpha"})  # the method and its knobs
     if pareto:
         inputs["prune"] = {"round_to": params.prune.round_to}
     return inputs

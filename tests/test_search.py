@@ -367,6 +367,11 @@ def test_study_identity_covers_exactly_what_the_trials_read():
     student = search_mod.study_name(base, "student", "d1", "teacher-hash-1")
     assert search_mod.study_name(base, "student", "d1", "teacher-hash-2") != student
     assert search_mod.study_name(search_params({"n_trials": 7}), "student", "d1", "teacher-hash-1") == student
+    def with_distill(**changes):
+        return config.parse(deep_update(search_raw(), {"distill": changes}))
+
+    assert search_mod.study_name(with_distill(method="dkd"), "student", "d1", "teacher-hash-1") != student
+    assert search_mod.study_name(with_distill(temperature=9.0), "student", "d1", "teacher-hash-1") == student
     pareto = search_params({"mode": "pareto"})
     rounded = config.parse(deep_update(search_raw({"mode": "pareto"}), {"prune": {"round_to": 2}}))
     assert search_mod.study_name(pareto, "student", "d1", "t") != search_mod.study_name(rounded, "student", "d1", "t")
@@ -523,6 +528,9 @@ def test_search_stages_run_before_the_stages_that_use_them(tmp_path):
     assert "search/teacher.json" in stages["teacher"]["deps"]
     for name in ("student", "distill", "prune"):
         assert "search/student.json" in stages[name]["deps"], name
+    for role in ("teacher", "student"):  # the code the trials run: what their study names hash, no more
+        code = {d for d in stages[f"search-{role}"]["deps"] if d.startswith("kdprune")}
+        assert code == {f"kdprune/{name}.py" for name in search_mod.CODE_FILES}
 
     params = config.parse(tiny_params_dict())
     assert params.search.enabled is False
@@ -531,6 +539,20 @@ def test_search_stages_run_before_the_stages_that_use_them(tmp_path):
         assert json.loads((tmp_path / "search" / f"{role}.json").read_text()) == {"enabled": False}
         assert (tmp_path / "search" / f"{role}-study.db").stat().st_size == 0  # declared out; no study touched
     assert run_stage("compare", params, Paths(tmp_path), NullTracker(), CPU) == {"enabled": False}
+
+
+@pytest.mark.parametrize("params_file", ["params.yaml", "profiles/cifar10-cpu-quick.yaml",
+                                         "profiles/cifar10-gpu.yaml"])
+def test_every_param_the_search_stages_list_is_in_the_params_files(params_file):
+    """DVC refuses a stage whose listed param is missing; a profile copied over params.yaml must run under DVC."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    raw = yaml.safe_load((REPO / params_file).read_text())
+    for stage in ("search-teacher", "search-student", "compare"):
+        for key in stages[stage]["params"]:
+            node = raw
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"{params_file}: {key} ({stage})"
+                node = node[part]
 
 
 # ------------------------------------------------------------------------------- whole stage, runners
