@@ -89,9 +89,28 @@ class RoleParams(Strict):
     train: TrainParams = TrainParams()
 
 
+class DKDParams(Strict):
+    """Decoupled KD (Zhao et al., CVPR 2022): loss = CE + ramp * T^2 * (alpha * TCKD + beta * NCKD)."""
+
+    alpha: float = Field(default=1.0, ge=0)  # weight of the target-class term (TCKD)
+    beta: float = Field(default=8.0, ge=0)  # weight of the non-target-class term (NCKD); the paper: 8 on CIFAR-100
+    warmup_epochs: float = Field(default=1.0, ge=0)  # DKD's weight ramps linearly from 0 over these epochs
+
+
+class HintParams(Strict):
+    """FitNets (Romero et al., ICLR 2015): loss = Hinton's KD loss + weight * MSE(adapter(student stage), teacher stage)."""
+
+    # Which feature map of each network: an index into the model's stages (model.stages), negative from the deepest.
+    stage: int = -1
+    weight: float = Field(default=1.0, ge=0)  # of the hint term
+
+
 class DistillParams(Strict):
-    temperature: float = Field(default=4.0, gt=0)
-    alpha: float = Field(default=0.9, ge=0, le=1)  # weight of the KD term; 1 - alpha weighs the label loss
+    method: Literal["hinton", "dkd", "fitnets"] = "hinton"
+    temperature: float = Field(default=4.0, gt=0)  # of every method's softmaxes
+    alpha: float = Field(default=0.9, ge=0, le=1)  # hinton, fitnets: weight of the KD term; 1 - alpha weighs the labels
+    dkd: DKDParams = DKDParams()  # method dkd only
+    hint: HintParams = HintParams()  # method fitnets only
 
 
 class SparsityParams(Strict):
@@ -137,6 +156,14 @@ class EvaluateParams(Strict):
 class RegisterParams(Strict):
     model_name: str = Field(default="kdprune", min_length=1)
     alias: str = Field(default="champion", min_length=1)
+    # The gate (kdprune/registry.py): the champion is re-scored on the candidate's validation images, and the
+    # candidate must get at least `min_gain` more of them right, with an exact one-sided McNemar p <= max_p_value
+    # (1.0 = no test), at no more than max_macs_ratio x the champion's MACs (and max_latency_ratio x its batch-1
+    # CPU latency when set; latency measured on other machines or days is noisy, so it is off by default).
+    min_gain: int = Field(default=1, ge=1)
+    max_p_value: float = Field(default=0.05, gt=0, le=1)
+    max_macs_ratio: float = Field(default=1.1, gt=0)
+    max_latency_ratio: float | None = Field(default=None, gt=0)
 
 
 class ServeParams(Strict):
@@ -263,9 +290,20 @@ def _one_line(error: ValidationError, source: str) -> str:
     return f"{source}: {where}{message}{shown}"
 
 
+def _unshared(node: Any) -> Any:
+    """A deep copy in which no two places share one object. A YAML anchor (`train: *schedule`) loads as one dict
+    shared by several sections; copy.deepcopy and a YAML round trip both keep that sharing, so an override of one
+    section would change the others too."""
+    if isinstance(node, dict):
+        return {key: _unshared(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_unshared(value) for value in node]
+    return node
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `key.sub=value` overrides (values parsed as YAML), as `dvc exp run -S` does."""
-    raw = yaml.safe_load(yaml.safe_dump(raw)) or {}  # deep copy
+    raw = _unshared(raw)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

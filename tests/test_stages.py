@@ -13,7 +13,7 @@ from kdprune import config
 from kdprune.checkpoint import load_model
 from kdprune.errors import KdpruneError
 from kdprune.io import read_json
-from kdprune.stages import MODEL_NAMES, STAGES, Paths, format_table, promotion_decision, run_stage
+from kdprune.stages import MODEL_NAMES, STAGES, Paths, format_table, run_stage
 from kdprune.serving import with_normalization
 from kdprune.tracking import NullTracker
 
@@ -151,31 +151,20 @@ def test_prepare_summary(tmp_path, tiny_params):
     assert json.loads(json.dumps(summary)) == summary  # JSON-friendly: MLflow and Prefect log it
 
 
-# ---------------------------------------------------------------------------------------- promotion
-CANDIDATE = {"val_accuracy": 0.9, "dataset_id": "abc", "test_accuracy": 0.88, "macs": 100}
-
-
-def test_promote_with_no_champion():
-    promote, reason = promotion_decision(CANDIDATE, None)
-    assert promote and "no current champion" in reason
-
-
-@pytest.mark.parametrize("theirs, expected", [("0.8", True), ("0.89999", True), ("0.9", False), ("0.95", False)])
-def test_promote_only_when_better_on_the_same_data(theirs, expected):
-    champion = {"version": "3", "val_accuracy": theirs, "dataset_id": "abc"}  # registry tags are strings
-    promote, reason = promotion_decision(CANDIDATE, champion)
-    assert promote is expected
-    assert "v3" in reason
-
-
-def test_promote_when_champion_saw_other_data():
-    promote, reason = promotion_decision(CANDIDATE, {"version": "2", "val_accuracy": "0.99", "dataset_id": "zzz"})
-    assert promote and "another dataset" in reason
-
-
-def test_champion_without_accuracy_is_not_beaten():
-    promote, _ = promotion_decision(CANDIDATE, {"version": "1", "dataset_id": "abc"})
-    assert promote is False  # NaN compares false: an unknown score is not overridden silently
+@pytest.mark.parametrize("method", ["dkd", "fitnets"])
+def test_distill_and_prune_stages_with_each_method(project, method):
+    """distill.method reaches both KD stages; FitNets' adapter and hooks stay out of the saved models."""
+    params = config.parse(tiny_params_dict(distill={"method": method, "temperature": 4.0, "alpha": 0.9}))
+    saved = {}
+    for stage, name in (("distill", "distilled"), ("prune", "pruned")):
+        before = Paths(project).model(name).read_bytes()
+        summary = run_stage(stage, params, Paths(project), NullTracker(), CPU)
+        assert 0.0 <= summary["val_accuracy"] <= 1.0
+        assert Paths(project).model(name).read_bytes() != before
+        saved[name], _ = load_model(Paths(project).model(name))
+    for model in saved.values():
+        assert not any(m._forward_hooks for m in model.modules())
+        assert not any("adapter" in key for key in model.state_dict())
 
 
 def test_report_states_requested_and_achieved_pruning(trained_project):
