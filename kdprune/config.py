@@ -106,6 +106,11 @@ class EvaluateParams(Strict):
     latency_repeats: int = Field(default=20, ge=1)
 
 
+class ExportParams(Strict):
+    # The export stage fails when an ONNX logit differs from torch's by more than this (on the test split).
+    tolerance: float = Field(default=1e-3, gt=0)
+
+
 class RegisterParams(Strict):
     model_name: str = Field(default="kdprune", min_length=1)
     alias: str = Field(default="champion", min_length=1)
@@ -204,6 +209,7 @@ class Params(Strict):
     distill: DistillParams = DistillParams()
     prune: PruneParams = PruneParams()
     evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
     registry: RegisterParams = RegisterParams()
     serve: ServeParams = ServeParams()
     search: SearchParams = SearchParams()

@@ -18,12 +18,13 @@ from kdprune import data as data_mod
 from kdprune.checkpoint import load_model, save_model
 from kdprune.config import Params, RoleParams, TrainParams
 from kdprune.io import read_json, write_json, write_text
-from kdprune.metrics import model_costs
+from kdprune.confusion import confusion_matrix, format_per_class, per_class, plot_confusion
+from kdprune.metrics import latency_ms, model_costs
 from kdprune.models import build
 from kdprune.pruning import count_macs_params, prune_to_target
 from kdprune.serving import with_normalization
 from kdprune.tracking import NullTracker
-from kdprune.train import Split, evaluate as evaluate_split, fit
+from kdprune.train import Split, evaluate as evaluate_split, fit, predict_logits
 
 MODEL_NAMES = ("teacher", "student", "distilled", "pruned")
 
@@ -48,12 +49,28 @@ class Paths:
         return self.root / "plots" / f"{name}.csv"
 
     @property
+    def onnx(self) -> Path:
+        return self.root / "models" / "pruned.onnx"
+
+    @property
     def report_json(self) -> Path:
         return self.root / "reports" / "metrics.json"
 
     @property
     def report_md(self) -> Path:
         return self.root / "reports" / "table.md"
+
+    @property
+    def per_class_json(self) -> Path:
+        return self.root / "reports" / "per_class.json"
+
+    @property
+    def per_class_md(self) -> Path:
+        return self.root / "reports" / "per_class.md"
+
+    @property
+    def confusion_png(self) -> Path:
+        return self.root / "reports" / "confusion.png"
 
     @property
     def registration(self) -> Path:
@@ -186,8 +203,58 @@ def prune(params: Params, paths: Paths, tracker=NullTracker(), device: torch.dev
                            teacher=teacher_model, extra=extra, splits=splits)
 
 
+def export(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:
+    """The pruned model, as served, to ONNX; written only if its logits match torch's on the test split."""
+    from kdprune.export import export_checked
+
+    model, payload = load_model(paths.model("pruned"))
+    served = with_normalization(model, payload["extra"]["mean"], payload["extra"]["std"])
+    test_x = data_mod.load_prepared(paths.prepared)["test_x"]
+    summary = export_checked(served, tuple(payload["input_shape"]), test_x, paths.onnx, params.export.tolerance)
+    write_json(paths.stage_metrics("export"), summary)
+    tracker.log_params({"export": {"opset": summary["opset"], "tolerance": summary["tolerance"]}})
+    tracker.log_metrics({f"onnx_{k}": v for k, v in summary.items() if k in ("max_abs_diff", "top1_agreement")})
+    tracker.log_artifact(paths.onnx)
+    return summary
+
+
+def _ort_costs(paths: Paths, input_shape: tuple, params: Params) -> dict:
+    """The exported model's parity (from the export stage) and its ONNX Runtime CPU latency, timed like torch's."""
+    from kdprune.export import OrtModel
+
+    if not paths.onnx.is_file():
+        from kdprune.errors import KdpruneError
+
+        raise KdpruneError(f"{paths.onnx}: ONNX model not found; run the export stage first")
+    check = read_json(paths.stage_metrics("export"))
+    ort_model = OrtModel(paths.onnx)
+    repeats = params.evaluate.latency_repeats
+    return {"onnx_max_abs_diff": check["max_abs_diff"], "onnx_top1_agreement": check["top1_agreement"],
+            "ort_latency_ms_b1": round(latency_ms(ort_model, input_shape, 1, repeats), 3),
+            "ort_latency_ms_batch": round(latency_ms(ort_model, input_shape, params.evaluate.latency_batch,
+                                                     max(3, repeats // 4)), 3)}
+
+
+def _per_class_report(model: torch.nn.Module, split: Split, tta: bool, classes: list[str], paths: Paths,
+                      tracker) -> dict:
+    """Per-class test accuracy and the confusion matrix of the pruned (registered) model: JSON, Markdown, PNG."""
+    predicted = predict_logits(model, split, tta=tta).argmax(1)
+    matrix = confusion_matrix(split.y, predicted, len(classes))
+    report = per_class(matrix, classes)
+    write_json(paths.per_class_json, report)
+    write_text(paths.per_class_md, format_per_class(report, "Pruned model, test split, per class"))
+    plot_confusion(matrix, classes, paths.confusion_png, "pruned model, test split")
+    tracker.log_metrics({"pruned.balanced_accuracy": report["balanced_accuracy"],
+                         **{f"pruned.class_accuracy.{name}": row["accuracy"] for name, row in report["classes"].items()
+                            if row["accuracy"] is not None}})
+    for path in (paths.per_class_json, paths.per_class_md, paths.confusion_png):
+        tracker.log_artifact(path)
+    return report
+
+
 def evaluate(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:
-    """Test accuracy and costs of every model: metrics JSON (DVC metrics) and a Markdown table."""
+    """Test accuracy and costs of every model (ONNX Runtime's beside torch's for the pruned one): metrics JSON (DVC
+    metrics), a Markdown table, and the pruned model's per-class accuracy and confusion matrix."""
     device = device or resolve_device()
     prepared = data_mod.load_prepared(paths.prepared)
     splits = {s: Split.from_prepared(prepared, s, device) for s in ("val", "test")}
@@ -203,6 +270,11 @@ def evaluate(params: Params, paths: Paths, tracker=NullTracker(), device: torch.
             **model_costs(model, tuple(payload["input_shape"]), paths.model(name),
                           params.evaluate.latency_batch, params.evaluate.latency_repeats),
         }
+        if name == "pruned":
+            rows[name].update(_ort_costs(paths, tuple(payload["input_shape"]), params))
+            per_class_report = _per_class_report(model.to(device), splits["test"], tta[name], prepared["classes"],
+                                                 paths, tracker)
+            rows[name]["balanced_test_accuracy"] = per_class_report["balanced_accuracy"]
     report = {"dataset": data_mod.describe(prepared), "models": rows}
     write_json(paths.report_json, report)
     table = format_table(report)
@@ -220,12 +292,20 @@ def format_table(report: dict) -> str:
         f"Dataset: {report['dataset']['source']} ({report['dataset']['train']} train / {report['dataset']['val']} val / "
         f"{report['dataset']['test']} test, {report['dataset']['classes']} classes, id {report['dataset']['dataset_id']})",
         "",
-        f"| model | test acc | val acc | params | MACs | size (KB) | CPU ms (batch 1) | CPU ms (batch {batch}) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| model | test acc | val acc | params | MACs | size (KB) | CPU ms (batch 1) | CPU ms (batch {batch}) | "
+        f"ONNX Runtime CPU ms (batch 1) | ONNX Runtime CPU ms (batch {batch}) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in rows.items():
+        ort = (f"{r['ort_latency_ms_b1']:.3f} | {r['ort_latency_ms_batch']:.2f}" if "ort_latency_ms_b1" in r
+               else "- | -")
         lines.append(f"| {name} | {r['test_accuracy']:.2%} | {r['val_accuracy']:.2%} | {r['params']:,} | {r['macs']:,} | "
-                     f"{r['size_kb']:,} | {r['cpu_latency_ms_b1']:.3f} | {r['cpu_latency_ms_batch']:.2f} |")
+                     f"{r['size_kb']:,} | {r['cpu_latency_ms_b1']:.3f} | {r['cpu_latency_ms_batch']:.2f} | {ort} |")
+    pruned = rows.get("pruned", {})
+    if "onnx_max_abs_diff" in pruned:
+        lines += ["", f"ONNX export of pruned (models/pruned.onnx): max |logit difference| vs torch "
+                      f"{pruned['onnx_max_abs_diff']:.2g}, top-1 agreement {pruned['onnx_top1_agreement']:.2%} "
+                      f"(test split); balanced test accuracy {pruned['balanced_test_accuracy']:.2%}."]
     return "\n".join(lines) + "\n"
 
 
@@ -281,7 +361,7 @@ def search(params: Params, paths: Paths, tracker=NullTracker(), device: torch.de
 
 
 STAGES = {"prepare": prepare, "search": search, "teacher": teacher, "student": student, "distill": distill, "prune": prune,
-          "evaluate": evaluate, "register": register}
+          "export": export, "evaluate": evaluate, "register": register}
 
 
 def run_stage(name: str, params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None,
