@@ -335,7 +335,7 @@ def register(params: Params, paths: Paths, tracker=NullTracker(), device: torch.
     promote, reason = promotion_decision(candidate, champion)
     served = with_normalization(model, payload["extra"]["mean"], payload["extra"]["std"])
     example = data_mod.load_prepared(paths.prepared)["val_x"][:2].float().div(255).numpy()
-    model_uri = tracker.log_model(served, "model", example)
+    model_uri = tracker.log_model(served, "model", example, metadata={"classes": list(payload["classes"])})
     version = tracker.register(model_uri, name, candidate) if model_uri else None
     if version is None:
         promote, reason = False, "tracking is off: nothing registered"
