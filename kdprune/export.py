@@ -7,6 +7,7 @@ inside the functions, so `import kdprune.export` stays light.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,17 @@ OPSET = 18  # torch.onnx's dynamo exporter targets 18; ONNX Runtime 1.16+ runs i
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
 
+def _require(module: str):
+    """Import an optional package (kdprune[pipeline]); its absence is one error line, not a traceback."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise KdpruneError(f"ONNX export needs the {module} package: pip install 'kdprune[pipeline]'") from None
+
+
 def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> None:
     """Write `model` (CPU, eval) as one self-contained ONNX file with a dynamic batch axis."""
+    _require("onnx"), _require("onnxscript")  # torch's exporter needs both
     model = model.cpu().eval()
     example = torch.rand(2, *input_shape)
     program = torch.onnx.export(model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -33,8 +43,7 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> N
 
 def session(path: str | Path, threads: int | None = None):
     """An ONNX Runtime CPU session; `threads` intra-op threads (default: torch's, so latencies compare)."""
-    import onnxruntime as ort
-
+    ort = _require("onnxruntime")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
