@@ -11,7 +11,7 @@ from kdprune import config
 from kdprune.checkpoint import load_model
 from kdprune.confusion import confusion_matrix, per_class
 from kdprune.errors import KdpruneError
-from kdprune.export import OrtModel
+from kdprune.export import OrtModel, export_checked
 from kdprune.io import read_json
 from kdprune.serving import with_normalization
 from kdprune.stages import Paths, run_stage
@@ -89,3 +89,18 @@ def test_per_class_on_imbalanced_labels():
     assert report["classes"]["b"]["accuracy"] == 0.0 and report["classes"]["c"]["accuracy"] is None
     assert report["balanced_accuracy"] == 0.5
     assert np.isclose(matrix.diag().sum() / matrix.sum(), 0.9)
+
+
+def test_export_carries_the_flip_tta_of_the_registered_model(trained_project, tmp_path):
+    """With prune.finetune.tta the registered model averages mirrored logits; the ONNX graph does the same."""
+    paths = Paths(trained_project)
+    model, payload = load_model(paths.model("pruned"))
+    served = with_normalization(model, payload["extra"]["mean"], payload["extra"]["std"], tta=True)
+    images = torch.load(paths.prepared, weights_only=True)["test_x"][:64]
+    check = export_checked(served, tuple(payload["input_shape"]), images, tmp_path / "tta.onnx", 1e-3)
+    assert check["max_abs_diff"] <= 1e-3 and check["top1_agreement"] == 1.0
+    x = images.float().div(255)
+    plain = with_normalization(model, payload["extra"]["mean"], payload["extra"]["std"])
+    mirrored = (plain(x) + plain(x.flip(-1))) / 2
+    assert torch.allclose(OrtModel(tmp_path / "tta.onnx")(x), mirrored, atol=1e-4)
+    assert not torch.allclose(OrtModel(paths.onnx)(x), mirrored, atol=1e-4)  # the plain export differs
