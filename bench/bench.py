@@ -18,9 +18,9 @@ table and as JSON (default bench/results/bench.json).
 
 Training seconds are fit() alone, with the device synchronised before and after. On CUDA, or with
 torch.compile on, each fit first runs an untimed one-epoch warm-up on a two-batch slice (cuDNN autotuning,
-compilation), so the timed run measures training. Latency: median of `evaluate.latency_repeats` forward passes
-of 512 images in eval mode; on CUDA under bf16 autocast with channels_last (as the models train); on the CPU in
-fp32, and the fastest pass rather than the median (a shared CPU makes the others slower, not the model). Peak memory: torch.cuda.max_memory_allocated on CUDA; on the CPU the process's peak RSS (getrusage), reset
+compilation), so the timed run measures training. Latency: kdprune.metrics' estimator, median of
+`evaluate.latency_repeats` forward passes of 512 images in eval mode after warm-up; on CUDA under bf16 autocast
+with channels_last (as the models train); on the CPU in fp32. Peak memory: torch.cuda.max_memory_allocated on CUDA; on the CPU the process's peak RSS (getrusage), reset
 before each training run where Linux allows it.
 
     python bench/bench.py --quick            # the CPU check: 5,000 / 1,000 images, profiles/cifar10-cpu-quick.yaml
@@ -41,7 +41,6 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,9 +49,10 @@ sys.path.insert(0, str(REPO))  # run from a checkout, installed or not
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from kdprune import config, stages  # noqa: E402
+from kdprune import config, project, stages  # noqa: E402
 from kdprune import data as data_mod  # noqa: E402
 from kdprune.checkpoint import load_model  # noqa: E402
+from kdprune.metrics import compare_latency  # noqa: E402
 from kdprune.pruning import count_macs_params  # noqa: E402
 from kdprune.train import Split, evaluate  # noqa: E402
 
@@ -179,24 +179,9 @@ class TimedFit:
 
 
 def latency_ms(model: torch.nn.Module, input_shape: tuple[int, ...], device: torch.device, repeats: int) -> float:
-    """Milliseconds of one forward pass of LATENCY_BATCH images: median on CUDA (bf16, channels_last), min on the CPU."""
-    model = model.eval().to(device)
-    x = torch.randn(LATENCY_BATCH, *input_shape, device=device)
-    cuda = device.type == "cuda"
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-    times, warmup = [], 3 if cuda else 1
-    with torch.inference_mode(), autocast:
-        for i in range(warmup + repeats):
-            sync(device)
-            started = time.perf_counter()
-            model(x)
-            sync(device)
-            if i >= warmup:
-                times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times) if cuda else min(times)  # CPU: min, robust to other jobs on shared cores
+    """Milliseconds of one forward pass of LATENCY_BATCH images: kdprune.metrics' estimator (warm-up, median wall
+    time; on CUDA bf16 and channels_last), with torch's thread setting as it is."""
+    return compare_latency({"model": model}, input_shape, LATENCY_BATCH, repeats, device, threads=None)["ms"]["model"]
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -290,7 +275,6 @@ def fit_with_dataloader(model: torch.nn.Module, prepared: dict, val: Split, epoc
 def run_dataloader_rows(params: config.Params, paths: stages.Paths, fit_rows: list[dict], device: torch.device,
                         workers: int) -> list[dict]:
     """(a'): the seed recipe's teacher and student again, through `fit_with_dataloader`; images/s beside (a)'s."""
-    from kdprune.models import build
 
     prepared = data_mod.load_prepared(paths.prepared)
     val, test = (Split.from_prepared(prepared, s, device) for s in ("val", "test"))
@@ -303,8 +287,7 @@ def run_dataloader_rows(params: config.Params, paths: stages.Paths, fit_rows: li
             continue
         role = getattr(params, fit_row["model"])
         print(f"[bench] seed recipe through a DataLoader: {fit_row['model']} ...", file=sys.stderr, flush=True)
-        torch.manual_seed(params.seed)
-        model = build(role.model.model_dump(), *prepared["train_x"].shape[1:3], len(prepared["classes"]))
+        model = project.new_model(role.model, prepared, params.seed)  # the stages' seed-and-build
         model, seconds, images = fit_with_dataloader(model, prepared, val, role.train.epochs, device, workers)
         fit_row["images_per_second"] = role.train.epochs * train_images / fit_row["train_seconds"]
         rows.append({**fit_row, "recipe": "seed+DataLoader", "test_accuracy": evaluate(model, test)["accuracy"],
@@ -478,8 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_fraction:
         return run_sweep(args, profile_raw, device)
     seed_params = seed_recipe(profile_raw, args.quick)
-    timer = TimedFit(stages.fit, device)
-    stages.fit = timer  # the stages call kdprune.train.fit through this name
+    timer = TimedFit(project.fit, device)
+    project.fit = timer  # the stages train through kdprune.project.train_new, which calls fit by this name
     workdir = Path(tempfile.mkdtemp(prefix="kdprune-bench-"))
     try:
         profile_paths, seed_paths = stages.Paths(workdir / "profile"), stages.Paths(workdir / "seed")
@@ -500,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += run_recipe("profile", params, profile_paths, ["teacher", "student", "distilled", "pruned"], timer,
                                device)
     finally:
-        stages.fit = timer.fit
+        project.fit = timer.fit
         shutil.rmtree(workdir, ignore_errors=True)
     summary, lines = summarise(rows, params, args.quick)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
