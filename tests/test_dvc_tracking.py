@@ -27,6 +27,8 @@ def test_dvc_stage_runs_are_tagged_and_grouped(tmp_path):
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {k: stages[k] for k in ("prepare", "search")}}))
     shutil.copytree(REPO / "kdprune", repo / "kdprune", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(REPO / "datasets", repo / "datasets")  # prepare depends on it
+    shutil.copy2(REPO / ".dvcignore", repo / ".dvcignore")
     write_params(repo / "params.yaml", tiny_params_dict(search={"enabled": False}))
     store = tmp_path / "store"
     store.mkdir()
