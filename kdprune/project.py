@@ -45,6 +45,10 @@ class Paths:
         return self.root / "plots" / f"{name}.csv"
 
     @property
+    def sensitivity_plot(self) -> Path:
+        return self.root / "plots" / "sensitivity.png"
+
+    @property
     def report_json(self) -> Path:
         return self.root / "reports" / "metrics.json"
 

@@ -46,7 +46,7 @@ from kdprune.errors import KdpruneError, TrainingDiverged
 from kdprune.io import write_json, write_text
 from kdprune.project import (AUGMENT_KEYS, TRAIN_KEYS, Paths, apply_point, input_spec, new_model, resolve_device,
                              make_splits, train_new)
-from kdprune.pruning import count_macs_params, prune_to_target
+from kdprune.pruning import count_macs_params, default_round_to, prune_to_target
 from kdprune.tracking import NullTracker
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -128,7 +128,7 @@ def trial_inputs(params: Params, role: str, dataset_id: str, teacher: str | None
         inputs["teacher"] = teacher
         inputs["distill"] = params.distill.model_dump(exclude={"temperature", "alpha"})  # the method and its knobs
     if pareto:
-        inputs["prune"] = {"round_to": params.prune.round_to}
+        inputs["prune"] = {"round_to": params.prune.round_to, "runtime": params.prune.runtime}
     return inputs
 
 
@@ -285,7 +285,8 @@ def _prune_and_finetune(model, params: Params, role, prepared, train, val, teach
     shape, _ = input_spec(prepared)
     example = torch.zeros(1, *shape)
     try:
-        model = prune_to_target(model.cpu(), example, params.prune.target, params.prune.round_to)
+        round_to = params.prune.round_to or default_round_to(params.prune.runtime)  # as the prune stage does
+        model = prune_to_target(model.cpu(), example, params.prune.target, round_to)
     except KdpruneError as error:
         raise InfeasiblePoint(str(error)) from None
     macs, _ = count_macs_params(model, example)
