@@ -191,7 +191,7 @@ def test_exp_run_is_visible_to_exp_show_and_keeps_params_yaml(team_repo):
     repo = team_repo
     output = run(["dvc", "exp", "run", "--temp", "-n", "t2", "-S", "distill.temperature=2"], repo)
     # compare reads distill too; disabled, it writes the same compare.json; the teacher and student stay
-    assert ran_stages(output) == {"compare", "distill", "prune", "evaluate", "register"}, output
+    assert ran_stages(output) == {"compare", "distill", "prune", "export", "evaluate", "register"}, output
     shown = _experiments(json.loads(run(["dvc", "exp", "show", "--json"], repo)))
     head = run(["git", "rev-parse", "HEAD"], repo).strip()
     baseline, experiment = shown[head], shown["t2"]
