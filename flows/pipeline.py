@@ -5,10 +5,13 @@ Run inside the project, the flow then records its outputs with `dvc commit`, so 
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -16,10 +19,12 @@ from prefect.artifacts import create_markdown_artifact
 from kdprune import config
 from kdprune.cli import exit_on_sigterm
 from kdprune.errors import KdpruneError
+from kdprune.lock import project_lock
 from kdprune.search import open_storage, storage_url
 from kdprune.stages import Paths, resolve_device
 from kdprune.tracking import MlflowTracker, NullTracker
 from flows.search import run_search
+from flows.server import temporary_server
 from tasks import stages as t
 
 
@@ -36,10 +41,52 @@ def dvc_commit(root: Path, params_path: str, overrides: list[str]) -> str:
     return "outputs recorded in dvc.lock (dvc status is clean)"
 
 
+class _ExpectedErrors(logging.Filter):
+    """Drops Prefect's console records (and tracebacks) about errors the CLI reports in one line itself."""
+
+    NAMES = ("KdpruneError", "TrainingDiverged", "ProjectBusy", "DownloadError", "KeyboardInterrupt", "SystemExit",
+             "Crash detected", "OSError", "PermissionError", "FileNotFoundError", "IsADirectoryError",
+             "NotADirectoryError", "[Errno")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, (KdpruneError, KeyboardInterrupt, SystemExit, OSError)):
+            return False
+        message = record.getMessage()
+        return not any(name in message for name in self.NAMES)
+
+
+@contextmanager
+def expected_errors_quiet(debug: bool) -> Iterator[None]:
+    """Without --debug, an expected error is the CLI's one line, not Prefect's 60-line report of it."""
+    handlers = [] if debug else list(logging.getLogger().handlers)
+    quiet = _ExpectedErrors()
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
+
+
+def run_pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None, device: str | None = None,
+                 tracking: bool = True, force: bool = False, debug: bool = False) -> dict:
+    """`kdprune run`: the flow on a temporary Prefect server tied to this process (unless PREFECT_API_URL is set)."""
+    with temporary_server(), expected_errors_quiet(debug):
+        return pipeline(params_path=params_path, overrides=overrides, device=device, tracking=tracking,
+                        resume=not force)
+
+
 @flow(name="kdprune-pipeline", log_prints=True)
 def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None, device: str | None = None,
-             tracking: bool = True, root: str = ".") -> dict:
-    """prepare -> search -> teacher, student -> distill -> prune -> evaluate -> register."""
+             tracking: bool = True, root: str = ".", resume: bool = True) -> dict:
+    """prepare -> search -> teacher, student -> distill -> prune -> evaluate -> register.
+
+    With `resume`, stages whose inputs and outputs are unchanged since they last finished are skipped.
+    """
     exit_on_sigterm()  # scheduled runs are stopped with SIGTERM: close the MLflow runs on the way out
     overrides = list(overrides or [])
     params = config.load(params_path, overrides)
@@ -48,19 +95,20 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
         open_storage(storage_url(params.search, paths.root))
     dev = resolve_device(device)
     tracker = MlflowTracker() if tracking and os.environ.get("KDPRUNE_TRACKING", "").lower() not in ("off", "0", "false") else NullTracker()
-    with tracker.run("pipeline", tags={"kdprune.device": str(dev)}) as parent:
+    with project_lock(paths.root, "kdprune pipeline flow"), tracker.run("pipeline", tags={"kdprune.device": str(dev)}) as parent:
+        tracker.close_orphans()
         parent.log_params(params.model_dump())
-        data = t.prepare(params, paths, parent, dev)
+        data = t.prepare(params, paths, parent, dev, resume=resume)
         if params.search.enabled:
             run_search(params, paths, parent, dev)
         else:
-            t.search(params, paths, parent, dev)  # records search/best.json = {"enabled": false}
-        t.teacher(params, paths, parent, dev)
-        t.student(params, paths, parent, dev)
-        t.distill(params, paths, parent, dev)
-        t.prune(params, paths, parent, dev)
-        report = t.evaluate(params, paths, parent, dev)
-        registration = t.register(params, paths, parent, dev)
+            t.search(params, paths, parent, dev, resume=resume)  # records search/best.json = {"enabled": false}
+        t.teacher(params, paths, parent, dev, resume=resume)
+        t.student(params, paths, parent, dev, resume=resume)
+        t.distill(params, paths, parent, dev, resume=resume)
+        t.prune(params, paths, parent, dev, resume=resume)
+        report = t.evaluate(params, paths, parent, dev, resume=resume)
+        registration = t.register(params, paths, parent, dev, resume=resume)
         table = paths.report_md.read_text()
         summary = (f"{table}\nRegistry: {registration['model_name']} v{registration['version']}, "
                    f"{'promoted to' if registration['promoted'] else 'not promoted to'} "
@@ -71,7 +119,7 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
     dvc_note = dvc_commit(Path(root), params_path, overrides)
     get_run_logger().info(dvc_note)
     print(summary)
-    return {"report": report, "registration": registration, "dvc": dvc_note}
+    return {"report": report, "registration": registration, "dvc": dvc_note, "not_logged": tracker.not_logged()}
 
 
 def serve(params_path: str, cron: str) -> None:

@@ -1,4 +1,8 @@
-"""`kdprune run | stage | serve`: the command line. Errors in the user's input end as one line and exit 2."""
+"""`kdprune run | stage | serve`: the command line.
+
+Errors in the user's input (a KdpruneError, an OSError on a project file) end as one line and exit 2, interrupts
+(SIGINT, SIGTERM) as one line and exit 130 / 143; `--debug` (or KDPRUNE_DEBUG=1) shows the full traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="override a param, e.g. -S distill.temperature=2 (repeatable)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: $KDPRUNE_DEVICE, else cuda if present)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (also: KDPRUNE_TRACKING=off)")
+    parser.add_argument("--debug", action="store_true", help="full tracebacks (also: KDPRUNE_DEBUG=1)")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -32,6 +37,7 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole pipeline as a Prefect flow (MLflow parent run, DVC commit)")
     _common(run)
+    run.add_argument("--force", action="store_true", help="rerun every stage, even those whose outputs are up to date")
     stage = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)")
     stage.add_argument("name", help=f"one of: {', '.join(STAGES)}")
     _common(stage)
@@ -40,11 +46,15 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def tracking_on(args: argparse.Namespace) -> bool:
+    return not (args.no_tracking or os.environ.get("KDPRUNE_TRACKING", "").lower() in ("off", "0", "false"))
+
+
 def tracker_for(args: argparse.Namespace):
     """MLflow unless switched off; a stage run nests under $KDPRUNE_PARENT_RUN_ID when set."""
     from kdprune.tracking import MlflowTracker, NullTracker
 
-    if args.no_tracking or os.environ.get("KDPRUNE_TRACKING", "").lower() in ("off", "0", "false"):
+    if not tracking_on(args):
         return NullTracker()
     return MlflowTracker(run_id=os.environ.get("KDPRUNE_PARENT_RUN_ID") or None)
 
@@ -70,33 +80,71 @@ def exit_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
+def os_error_line(error: OSError) -> str:
+    """'path: No space left on device' - the file and the reason, without the errno noise."""
+    where = error.filename if error.filename is not None else ""
+    reason = error.strerror or str(error)
+    return f"{where}: {reason}" if where else reason
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from kdprune import config
+    from kdprune import data as data_mod
+    from kdprune.lock import project_lock
+    from kdprune.stages import Paths, resolve_device
+
+    params = config.load(args.params, args.overrides)
+    device = resolve_device(args.device)
+    if args.command == "serve":
+        from flows.pipeline import serve
+
+        serve(args.params, params.serve.cron)
+        return 0
+    if args.command == "run" or args.name == "prepare":
+        data_mod.check_source(params.data)  # a missing path or unreadable archive fails before any server starts
+    with project_lock(Path("."), f"kdprune {args.command}" + (f" {args.name}" if args.command == "stage" else "")):
+        tracker = tracker_for(args)  # MLflow's store is checked here: an unreachable one fails in seconds
+        tracker.close_orphans()  # runs left RUNNING by a killed kdprune process
+        if args.command == "stage":
+            summary = _run_one_stage(args.name, params, Paths(Path(".")), tracker, device)
+            print(f"{args.name}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict)))
+        else:
+            from flows.pipeline import run_pipeline
+
+            run_pipeline(params_path=args.params, overrides=args.overrides, device=str(device),
+                         tracking=tracking_on(args), force=args.force, debug=args.debug)
+        not_logged = tracker.not_logged()
+    if not_logged:  # the outputs are saved; say once what the tracking server did not get
+        print(f"kdprune: error: {not_logged}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     for key, value in TELEMETRY_OFF.items():
         os.environ.setdefault(key, value)
     exit_on_sigterm()
     args = make_parser().parse_args(argv)
+    args.debug = args.debug or os.environ.get("KDPRUNE_DEBUG", "").lower() in ("1", "true", "on")
+    os.environ["KDPRUNE_DEBUG"] = "1" if args.debug else "0"
     try:
-        from kdprune import config
-        from kdprune.stages import Paths, resolve_device
-
-        params = config.load(args.params, args.overrides)
-        device = resolve_device(args.device)
-        if args.command == "stage":
-            summary = _run_one_stage(args.name, params, Paths(Path(".")), tracker_for(args), device)
-            print(f"{args.name}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict)))
-        elif args.command == "run":
-            from flows.pipeline import pipeline
-
-            pipeline(params_path=args.params, overrides=args.overrides, device=str(device),
-                     tracking=not args.no_tracking)
-        else:
-            from flows.pipeline import serve
-
-            serve(args.params, params.serve.cron)
+        return _dispatch(args)
     except KdpruneError as error:
-        print(f"kdprune: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+        line, code = str(error), 2
+    except OSError as error:  # a project file that cannot be read or written: full disk, read-only folder
+        line, code = os_error_line(error), 2
+    except KeyboardInterrupt:
+        line, code = "interrupted (SIGINT); open runs were marked KILLED", 130
+    except SystemExit as stop:
+        if stop.code != 143:
+            raise
+        line, code = "terminated (SIGTERM); open runs were marked FAILED", 143
+    if args.debug:
+        import traceback
+
+        traceback.print_exc()
+    print(f"kdprune: error: {line}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

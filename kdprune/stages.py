@@ -17,7 +17,8 @@ import torch
 from kdprune import data as data_mod
 from kdprune.checkpoint import load_model, save_model
 from kdprune.config import Params, RoleParams, TrainParams
-from kdprune.io import read_json, write_json, write_text
+from kdprune.errors import KdpruneError
+from kdprune.io import json_field, read_json, write_json, write_text
 from kdprune.metrics import model_costs
 from kdprune.models import build
 from kdprune.pruning import count_macs_params, prune_to_target
@@ -128,7 +129,13 @@ def effective_params(params: Params, paths: Paths) -> Params:
     """params.yaml with the search's best points applied when `search.enabled` (search/best.json is a dep)."""
     from kdprune.search import load_best, searched_params
 
-    return searched_params(params, load_best(paths))
+    best = load_best(paths)
+    try:
+        return searched_params(params, best)
+    except (KeyError, TypeError, AttributeError, ValueError) as error:  # pydantic's ValidationError is a ValueError
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise KdpruneError(f"{paths.search_best}: not a usable search result ({type(error).__name__}: {reason[:120]}); "
+                           "run the search stage again") from None
 
 
 def _role_stage(name: str, role_name: str, params: Params, paths: Paths, tracker, device, teacher=None) -> dict:
@@ -246,10 +253,12 @@ def promotion_decision(candidate: dict, champion: dict | None) -> tuple[bool, st
 def register(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:
     """Log the pruned model to the registry; move the alias to it only if it beats the champion on validation."""
     model, payload = load_model(paths.model("pruned"))
-    report = read_json(paths.report_json)
-    candidate = {"val_accuracy": report["models"]["pruned"]["val_accuracy"],
-                 "test_accuracy": report["models"]["pruned"]["test_accuracy"],
-                 "macs": report["models"]["pruned"]["macs"], "dataset_id": report["dataset"]["dataset_id"]}
+    where = paths.report_json
+    report = read_json(where, "the evaluate stage's report")
+    candidate = {"val_accuracy": json_field(where, report, "models", "pruned", "val_accuracy"),
+                 "test_accuracy": json_field(where, report, "models", "pruned", "test_accuracy"),
+                 "macs": json_field(where, report, "models", "pruned", "macs", kind=int),
+                 "dataset_id": json_field(where, report, "dataset", "dataset_id", kind=str)}
     name, alias = params.registry.model_name, params.registry.alias
     champion = tracker.champion(name, alias)
     promote, reason = promotion_decision(candidate, champion)
@@ -284,12 +293,30 @@ STAGES = {"prepare": prepare, "search": search, "teacher": teacher, "student": s
           "evaluate": evaluate, "register": register}
 
 
-def run_stage(name: str, params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None,
-              **options) -> dict:
-    """Run one stage inside its own tracking run (nested under the tracker's run, if any)."""
-    if name not in STAGES:
-        from kdprune.errors import KdpruneError
+def _stage_inputs_beyond_dvc(name: str, tracker) -> dict:
+    """Inputs of a stage that dvc.yaml cannot see: the registry a registration went to."""
+    return {"tracking": getattr(tracker, "tracking_uri", None)} if name == "register" else {}
 
+
+def run_stage(name: str, params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None,
+              resume: bool = False, **options) -> dict:
+    """Run one stage inside its own tracking run (nested under the tracker's run, if any).
+
+    With `resume`, a stage whose inputs and outputs are unchanged since it last finished is skipped (kdprune/resume.py);
+    its summary is that of the finished run. Every finished stage is recorded, whoever ran it (flow, CLI, DVC).
+    """
+    from kdprune import resume as resume_mod
+
+    if name not in STAGES:
         raise KdpruneError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
+    extra = _stage_inputs_beyond_dvc(name, tracker)
+    if resume and (done := resume_mod.completed(paths.root, name, params, extra)) is not None:
+        print(f"{name}: skipped, outputs up to date (inputs unchanged since it last finished)")
+        with tracker.run(name, tags={"kdprune.stage": name, "kdprune.skipped": "outputs up to date"}) as run:
+            run.log_metrics({k: v for k, v in done.items() if not isinstance(v, dict)})
+        return done
     with tracker.run(name, tags={"kdprune.stage": name}) as run:
-        return STAGES[name](params, paths, run, device, **options)
+        summary = STAGES[name](params, paths, run, device, **options)
+    if name != "register" or summary.get("version") is not None or isinstance(tracker, NullTracker):
+        resume_mod.mark_done(paths.root, name, params, summary, extra)  # a registration that never reached the registry is not done
+    return summary
