@@ -36,6 +36,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _drain_to(url: str) -> None:
+    """Send the queued logs and events while the server still listens (else: 'Error logging to API' at exit)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=5)
+        except Exception:  # noqa: BLE001 - best effort: the run itself is over
+            pass
+
+
 @contextmanager
 def temporary_server(timeout: float | None = None) -> Iterator[str | None]:
     """A Prefect API for the block: the configured server if PREFECT_API_URL is set, else a temporary one."""
@@ -57,7 +69,9 @@ def temporary_server(timeout: float | None = None) -> Iterator[str | None]:
         env=env, start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     url = f"http://127.0.0.1:{port}/api"
     try:
-        timeout = timeout or PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        # Prefect's 20 s default is too short for a first start (database migrations) on a busy machine.
+        timeout = timeout or (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+                              if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ else 120)
         deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None:
@@ -76,6 +90,7 @@ def temporary_server(timeout: float | None = None) -> Iterator[str | None]:
         with temporary_settings({PREFECT_API_URL: url}):
             yield url
     finally:
+        _drain_to(url)
         os.environ.pop("PREFECT_API_URL", None)
         process.terminate()
         try:

@@ -130,19 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except KdpruneError as error:
-        line, code = str(error), 2
+        line, code, caught = str(error), 2, error
     except OSError as error:  # a project file that cannot be read or written: full disk, read-only folder
-        line, code = os_error_line(error), 2
-    except KeyboardInterrupt:
-        line, code = "interrupted (SIGINT); open runs were marked KILLED", 130
-    except SystemExit as stop:
-        if stop.code != 143:
+        line, code, caught = os_error_line(error), 2, error
+    except KeyboardInterrupt as error:
+        line, code, caught = "interrupted (SIGINT); open runs were marked KILLED", 130, error
+    except SystemExit as error:
+        if error.code != 143:
             raise
-        line, code = "terminated (SIGTERM); open runs were marked FAILED", 143
+        line, code, caught = "terminated (SIGTERM); open runs were marked FAILED", 143, error
     if args.debug:
         import traceback
 
-        traceback.print_exc()
+        traceback.print_exception(caught)
     print(f"kdprune: error: {line}", file=sys.stderr)
     return code
 

@@ -1,0 +1,247 @@
+"""Faults an operator meets: a second run in the same project, a killed run, an unreachable or dying tracking
+server, garbage in the files stages read, interrupts, a full disk. Each ends in one line and nothing RUNNING."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, all_runs, deep_update, mlflow_uri, subprocess_env, tiny_params_dict, write_params
+from kdprune import resume
+from kdprune.cli import main
+from kdprune.lock import LOCK_NAME, process_alive, process_token, project_lock
+from test_cli import assert_no_run_left_running, error_line
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def hold_lock(folder: Path) -> subprocess.Popen:
+    """Another process holding the project's lock (until killed)."""
+    code = ("import sys, time; from kdprune.lock import project_lock\n"
+            "with project_lock(sys.argv[1], 'kdprune run'):\n print('locked', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True,
+                              env=subprocess_env(PYTHONPATH=str(REPO)))
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+# ---------------------------------------------------------------------------------------------- the lock
+@pytest.mark.parametrize("command", [["stage", "prepare"], ["run"]])
+def test_second_run_in_a_project_is_refused(params_file, workdir, capsys, command):
+    holder = hold_lock(workdir)
+    try:
+        started = time.monotonic()
+        assert main(command) == 2
+        line = error_line(capsys.readouterr().err)
+        assert time.monotonic() - started < 30  # refused at once (imports only; no server, no training)
+        assert f"pid {holder.pid}" in line and "kdprune run" in line and "started" in line
+        assert not (workdir / "data" / "prepared.pt").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_lock_of_a_killed_process_is_taken_over(params_file, workdir, capsys):
+    holder = hold_lock(workdir)
+    holder.kill()  # like kill -9: the kernel releases the lock; the file still names the dead pid
+    holder.wait()
+    assert str(holder.pid) in (workdir / LOCK_NAME).read_text()
+    assert main(["stage", "prepare", "--no-tracking"]) == 0
+    assert (workdir / "data" / "prepared.pt").is_file()
+
+
+def test_lock_is_reentrant_within_a_process(workdir):
+    with project_lock(workdir, "outer"), project_lock(workdir, "inner"):
+        assert json.loads((workdir / LOCK_NAME).read_text())["command"] == "outer"
+
+
+def test_process_token_tells_a_dead_process():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    token = process_token(child.pid)
+    child.wait()
+    assert process_alive(process_token()) and not process_alive(token)
+
+
+# ------------------------------------------------------------------------------------------ resume records
+def test_resume_skips_an_unchanged_stage_and_reruns_a_changed_one(project, tiny_params, capsys):
+    from kdprune.stages import Paths, run_stage
+    from kdprune.tracking import NullTracker
+
+    paths, cpu = Paths(project), "cpu"
+    first = run_stage("student", tiny_params, paths, NullTracker(), cpu)  # records the stage
+    written = paths.model("student").stat().st_mtime_ns
+    assert run_stage("student", tiny_params, paths, NullTracker(), cpu, resume=True) == first
+    assert paths.model("student").stat().st_mtime_ns == written and "student: skipped" in capsys.readouterr().out
+    # without resume (what `kdprune stage` / dvc repro / --force do) it always runs
+    run_stage("student", tiny_params, paths, NullTracker(), cpu)
+    assert paths.model("student").stat().st_mtime_ns != written
+    # a changed param of the stage, or a changed output, makes it run again
+    changed = tiny_params.model_copy(update={"student": tiny_params.student.model_copy(
+        update={"train": tiny_params.student.train.model_copy(update={"lr": 0.01})})})
+    written = paths.model("student").stat().st_mtime_ns
+    run_stage("student", changed, paths, NullTracker(), cpu, resume=True)
+    assert paths.model("student").stat().st_mtime_ns != written
+    paths.curve("student").write_text("epoch\n")
+    written = paths.model("student").stat().st_mtime_ns
+    run_stage("student", changed, paths, NullTracker(), cpu, resume=True)
+    assert paths.model("student").stat().st_mtime_ns != written
+
+
+def test_resume_follows_upstream_outputs_and_unrelated_params(project, tiny_params):
+    from kdprune.stages import Paths, run_stage
+    from kdprune.tracking import NullTracker
+
+    paths = Paths(project)
+    run_stage("evaluate", tiny_params, paths, NullTracker(), "cpu")
+    other_distill = tiny_params.model_copy(update={"distill": tiny_params.distill.model_copy(update={"alpha": 0.5})})
+    assert resume.completed(project, "evaluate", other_distill) is not None  # evaluate does not read distill.*
+    os.utime(paths.model("pruned"))  # touched, same bytes: still up to date
+    assert resume.completed(project, "evaluate", tiny_params) is not None
+    other_target = tiny_params.model_copy(update={"prune": tiny_params.prune.model_copy(update={"target": 0.3})})
+    run_stage("prune", other_target, paths, NullTracker(), "cpu")  # another pruned model: evaluate is stale
+    assert resume.completed(project, "evaluate", tiny_params) is None
+
+
+# ------------------------------------------------------------------------------------------ tracking store
+def test_unreachable_tracking_server_fails_in_seconds(params_file, workdir, capsys, monkeypatch):
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    started = time.monotonic()
+    assert main(["stage", "prepare"]) == 2
+    assert time.monotonic() - started < 30
+    line = error_line(capsys.readouterr().err)
+    assert uri in line and "unreachable" in line
+    assert not (workdir / "data" / "prepared.pt").exists()
+
+
+def test_missing_store_folder_is_one_line(params_file, workdir, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'nowhere' / 'mlflow.db'}")
+    assert main(["stage", "prepare"]) == 2
+    assert "nowhere" in error_line(capsys.readouterr().err)
+
+
+def test_orphaned_runs_of_a_killed_process_are_closed(params_file, workdir, capsys):
+    from kdprune.tracking import MlflowTracker
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead = process_token(child.pid)
+    child.wait()
+    tracker = MlflowTracker()
+    orphan = tracker.client.create_run(tracker.experiment_id, run_name="distill",
+                                       tags={"kdprune.host": socket.gethostname(), "kdprune.process": dead})
+    alive = tracker.client.create_run(tracker.experiment_id, run_name="other",
+                                      tags={"kdprune.host": socket.gethostname(), "kdprune.process": process_token()})
+    assert main(["stage", "prepare"]) == 0
+    status = {r.info.run_id: r.info.status for r in all_runs(mlflow_uri(workdir))}
+    assert status[orphan.info.run_id] == "KILLED" and status[alive.info.run_id] == "RUNNING"
+
+
+# -------------------------------------------------------------------------------- one line for bad input
+def test_empty_params_file_is_refused(workdir, capsys):
+    (workdir / "params.yaml").write_text("# only a comment\n")
+    assert main(["stage", "prepare"]) == 2
+    assert "params.yaml: params file is empty" in error_line(capsys.readouterr().err)
+
+
+BAD_REPORTS = {
+    "not json": ('{"models": 3', "not valid JSON"),
+    "a list": ("[]", "expected the evaluate stage's report, got list"),
+    "empty": ("", "not valid JSON"),
+    "missing model": ('{"models": {}, "dataset": {"dataset_id": "x"}}', "missing field 'models.pruned'"),
+    "wrong type": ('{"models": {"pruned": {"val_accuracy": "high"}}}', "'models.pruned.val_accuracy' has a wrong type"),
+    "binary": (b"\xff\xfe\x00", "not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("content, expected", list(BAD_REPORTS.values()), ids=list(BAD_REPORTS))
+def test_garbage_metrics_json_names_the_file(project, capsys, content, expected):
+    path = project / "reports" / "metrics.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert main(["stage", "register"]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "reports/metrics.json" in line and expected in line
+    assert_no_run_left_running(project)
+
+
+@pytest.mark.parametrize("content, expected", [("nonsense", "not valid JSON"), ("[1]", "got list"),
+                                               ('{"enabled": true}', "not a usable search result"),
+                                               ('{"enabled": true, "teacher": {"lr": -1}, "student": {}}',
+                                                "not a usable search result")])
+def test_garbage_best_json_names_the_file(project, capsys, content, expected):
+    write_params(project / "params.yaml", deep_update(tiny_params_dict(), {"search": {"enabled": True}}))
+    (project / "search").mkdir(exist_ok=True)
+    (project / "search" / "best.json").write_text(content)
+    assert main(["stage", "teacher"]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "search/best.json" in line and expected in line
+
+
+@pytest.mark.parametrize("setup, expected", [
+    (lambda d: None, "does not exist"),
+    (lambda d: (d / "x.tar.gz").write_bytes(b""), "empty (0 bytes)"),
+    (lambda d: (d / "x.tar.gz").write_bytes(os.urandom(2048)), "not a readable tar archive"),
+    (lambda d: (d / "x.tar.gz").mkdir(), "dataset folder is empty"),
+], ids=["missing", "zero bytes", "random bytes", "empty folder"])
+def test_run_checks_the_data_before_prefect_starts(params_file, workdir, capsys, setup, expected):
+    setup(workdir)
+    started = time.monotonic()
+    assert main(["run", "-S", "data.source=imagefolder", "-S", f"data.path={workdir / 'x.tar.gz'}"]) == 2
+    assert time.monotonic() - started < 30  # refused before a Prefect server would start
+    line = error_line(capsys.readouterr().err)
+    assert "x.tar.gz" in line and expected in line
+
+
+def test_unwritable_output_is_one_line_naming_the_path(project, capsys):
+    (project / "plots" / "student.csv").unlink()
+    (project / "plots" / "student.csv").mkdir()  # the curve's place is taken by a folder
+    assert main(["stage", "student"]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "plots" in line
+    assert_no_run_left_running(project)
+
+
+def test_disk_full_is_one_line_and_no_run_left_running(project, capsys, monkeypatch):
+    import torch
+
+    def full(obj, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(torch, "save", full)  # what a full disk does to the model's write
+    assert main(["stage", "student"]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "No space left on device" in line and "student.pt" in line
+    runs = assert_no_run_left_running(project)
+    assert [r.info.status for r in runs if r.info.run_name == "student"] == ["FAILED"]
+
+
+def test_interrupt_exits_130_with_one_line_and_runs_killed(project, capsys, monkeypatch):
+    from kdprune import stages
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(stages.STAGES, "student", interrupted)
+    assert main(["stage", "student"]) == 130
+    assert "interrupted" in error_line(capsys.readouterr().err)
+    runs = assert_no_run_left_running(project)
+    assert [r.info.status for r in runs if r.info.run_name == "student"] == ["KILLED"]
+
+
+def test_debug_flag_shows_the_traceback(workdir, capsys):
+    (workdir / "params.yaml").write_text("")
+    assert main(["stage", "prepare", "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("kdprune: error: ")
