@@ -144,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
 
         traceback.print_exception(caught)
     print(f"kdprune: error: {line}", file=sys.stderr)
+    if argv is None and code in (130, 143):
+        # Interrupted as a command: the runs are marked and the server stopped, so skip the interpreter's teardown,
+        # which took about 20 s after a signal (library threads and atexit hooks).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     return code
 
 
