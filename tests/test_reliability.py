@@ -245,3 +245,125 @@ def test_debug_flag_shows_the_traceback(workdir, capsys):
     assert main(["stage", "prepare", "--debug"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("kdprune: error: ")
+
+
+# ------------------------------------------------------------------------------- kills, signals, servers
+def _start_run(folder: Path, log: Path, *args: str) -> subprocess.Popen:
+    """`kdprune run` in its own process group (as a shell job, a scheduler or `timeout` starts it)."""
+    return subprocess.Popen(["kdprune", "run", *args], cwd=folder, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env=subprocess_env(MLFLOW_TRACKING_URI=mlflow_uri(folder)), start_new_session=True)
+
+
+def _wait_for(log: Path, text: str, process: subprocess.Popen, timeout: float = 400) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        found += [int(p) for p in task.read_text().split()]
+    return found
+
+
+def _gone(pids: list[int], timeout: float = 15) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not [p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split(")")[-1][:3]]:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.slow
+def test_kill9_during_distill_then_rerun_resumes(workdir):
+    write_params(workdir / "params.yaml", deep_update(tiny_params_dict(), {"student": {"train": {"epochs": 40}}}))
+    log = workdir / "first.log"
+    first = _start_run(workdir, log)
+    try:
+        _wait_for(log, "distilled epoch 1/", first)
+        server = _children(first.pid)
+    finally:
+        first.kill()  # SIGKILL: nothing of kdprune's runs
+        first.wait()
+    assert server and _gone(server), "the temporary Prefect server outlived its kdprune process"
+    assert {r.info.run_name: r.info.status for r in all_runs(mlflow_uri(workdir))}["distill"] == "RUNNING"
+
+    second = subprocess.run(["kdprune", "run"], cwd=workdir, capture_output=True, text=True, timeout=900,
+                            env=subprocess_env(MLFLOW_TRACKING_URI=mlflow_uri(workdir)))
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-3000:]
+    for stage in ("prepare", "search", "teacher", "student"):
+        assert f"{stage}: skipped" in out
+    assert "teacher epoch" not in out and "student epoch" not in out and "distilled epoch 40/40" in out
+    runs = all_runs(mlflow_uri(workdir))
+    assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
+    killed = sorted(r.info.run_name for r in runs if r.info.status == "KILLED")
+    assert killed == ["distill", "pipeline"]  # the killed process's runs, closed by the next start
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code, status", [(signal.SIGTERM, 143, "FAILED"), (signal.SIGINT, 130, "KILLED")])
+def test_signal_to_run_exits_within_seconds_with_runs_marked(workdir, signum, code, status):
+    write_params(workdir / "params.yaml", deep_update(tiny_params_dict(), {"teacher": {"train": {"epochs": 500}}}))
+    log = workdir / "run.log"
+    run = _start_run(workdir, log)
+    try:
+        _wait_for(log, "teacher epoch 2/", run)
+        server = _children(run.pid)
+        os.killpg(run.pid, signum)  # the whole group, as `timeout`, a scheduler or Ctrl-C do
+        started = time.monotonic()
+        run.wait(timeout=60)
+        assert time.monotonic() - started < 10
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == code
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    assert lines[-1].startswith("kdprune: error: ") and "Traceback" not in log.read_text()
+    assert _gone(server)
+    runs = {r.info.run_name: r.info.status for r in all_runs(mlflow_uri(workdir))}
+    assert runs["teacher"] == status and runs["pipeline"] == status
+
+
+@pytest.mark.slow
+def test_tracking_server_dying_mid_run_is_reported_in_one_line(tmp_path, monkeypatch):
+    from kdprune.tracking import MlflowTracker
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
+                               str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 's.db'}",
+                               "--default-artifact-root", str(tmp_path / "art")], cwd=tmp_path,
+                              env=subprocess_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                MlflowTracker(uri)
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                assert time.monotonic() < deadline and server.poll() is None
+                time.sleep(0.5)
+        tracker = MlflowTracker(uri)
+        with tracker.run("pipeline") as parent, parent.run("teacher") as teacher:
+            teacher.log_metrics({"val_accuracy": 0.5}, step=1)
+            server.terminate()
+            server.wait(timeout=30)
+            started = time.monotonic()
+            teacher.log_metrics({"val_accuracy": 0.6}, step=2)  # recorded as not logged, not raised
+            teacher.log_artifact(tmp_path / "s.db")
+            assert teacher.log_model(None, "model", None) is None
+            assert time.monotonic() - started < 30
+        line = tracker.not_logged()
+        assert uri in line and "teacher metrics" in line and "teacher artifact s.db" in line and "teacher model" in line
+        assert "pipeline status FINISHED" in line
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
