@@ -49,8 +49,6 @@ class _ExpectedErrors(logging.Filter):
              "NotADirectoryError", "[Errno")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
-            return True
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, (KdpruneError, KeyboardInterrupt, SystemExit, OSError)):
             return False

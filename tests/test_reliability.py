@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, all_runs, deep_update, mlflow_uri, subprocess_env, tiny_params_dict, write_params
+from conftest import REPO, all_runs, deep_update, make_tar, mlflow_uri, subprocess_env, tiny_params_dict, write_params
 from kdprune import resume
 from kdprune.cli import main
 from kdprune.lock import LOCK_NAME, process_alive, process_token, project_lock
@@ -245,6 +245,24 @@ def test_debug_flag_shows_the_traceback(workdir, capsys):
     assert main(["stage", "prepare", "--debug"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("kdprune: error: ")
+
+
+@pytest.mark.slow
+def test_data_error_inside_the_flow_is_one_line_without_traceback(workdir, tmp_path_factory):
+    images = tmp_path_factory.mktemp("bad")
+    for split in ("train", "test"):
+        (images / split / "a").mkdir(parents=True)
+        (images / split / "a" / "x.png").write_bytes(b"garbage")  # passes the cheap checks, fails in the prepare task
+    archive = make_tar(images, workdir / "bad.tar.gz")
+    write_params(workdir / "params.yaml", tiny_params_dict())
+    done = subprocess.run(["kdprune", "run", "-S", "data.source=imagefolder", "-S", f"data.path={archive}"],
+                          cwd=workdir, capture_output=True, text=True, timeout=600,
+                          env=subprocess_env(MLFLOW_TRACKING_URI=mlflow_uri(workdir)))
+    assert done.returncode == 2
+    line = error_line(done.stderr + done.stdout)
+    assert "bad.tar.gz" in line and "x.png" in line and "unreadable image" in line
+    assert "KdpruneError" not in done.stderr + done.stdout  # no Prefect report of it either
+    assert_no_run_left_running(workdir)
 
 
 # ------------------------------------------------------------------------------- kills, signals, servers
