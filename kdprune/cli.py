@@ -134,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()
     args = make_parser().parse_args(argv)
     args.debug = args.debug or os.environ.get("KDPRUNE_DEBUG", "").lower() in ("1", "true", "on")
-    os.environ["KDPRUNE_DEBUG"] = "1" if args.debug else "0"
     try:
         return _dispatch(args)
     except KdpruneError as error:

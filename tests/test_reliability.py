@@ -161,7 +161,7 @@ BAD_REPORTS = {
     "a list": ("[]", "expected the evaluate stage's report, got list"),
     "empty": ("", "not valid JSON"),
     "missing model": ('{"models": {}, "dataset": {"dataset_id": "x"}}', "missing field 'models.pruned'"),
-    "wrong type": ('{"models": {"pruned": {"val_accuracy": "high"}}}', "'models.pruned.val_accuracy' has a wrong type"),
+    "wrong type": ('{"models": {"pruned": {"test_accuracy": "high"}}}', "'models.pruned.test_accuracy' has a wrong type"),
     "binary": (b"\xff\xfe\x00", "not valid JSON"),
 }
 
@@ -213,13 +213,21 @@ def test_unwritable_output_is_one_line_naming_the_path(project, capsys):
     assert_no_run_left_running(project)
 
 
-def test_disk_full_is_one_line_and_no_run_left_running(project, capsys, monkeypatch):
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+                                   RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter "
+                                                "failed writing file data/0: file write failed")])
+def test_disk_full_is_one_line_and_no_run_left_running(project, capsys, monkeypatch, error):
+    import shutil
+
     import torch
 
     def full(obj, path, *args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        if isinstance(error, OSError):
+            raise OSError(error.errno, error.strerror, str(path))
+        raise error
 
-    monkeypatch.setattr(torch, "save", full)  # what a full disk does to the model's write
+    monkeypatch.setattr(torch, "save", full)  # what a full disk does to the model's write (OSError or torch's own)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 0))
     assert main(["stage", "student"]) == 2
     line = error_line(capsys.readouterr().err)
     assert "No space left on device" in line and "student.pt" in line
