@@ -26,7 +26,11 @@ def record_path(root: Path, name: str) -> Path:
 
 
 def file_md5(path: Path) -> str | None:
-    """md5 of a file (None if absent), cached by path, size and mtime within the process."""
+    """md5 of a file, or of a folder's files and names (None if absent), cached by path, size and mtime."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        listing = [(p.relative_to(path).as_posix(), file_md5(p)) for p in files]
+        return hashlib.md5(json.dumps(listing).encode()).hexdigest()
     try:
         stat = path.stat()
     except OSError:

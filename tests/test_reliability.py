@@ -100,6 +100,15 @@ def test_resume_skips_an_unchanged_stage_and_reruns_a_changed_one(project, tiny_
     assert paths.model("student").stat().st_mtime_ns != written
 
 
+def test_folder_outputs_are_hashed_by_their_files(tmp_path):
+    (tmp_path / "out" / "sub").mkdir(parents=True)
+    (tmp_path / "out" / "sub" / "a.txt").write_text("a")
+    before = resume.file_md5(tmp_path / "out")
+    (tmp_path / "out" / "b.txt").write_text("b")
+    assert before and resume.file_md5(tmp_path / "out") != before
+    assert resume.file_md5(tmp_path / "missing") is None
+
+
 def test_resume_follows_upstream_outputs_and_unrelated_params(project, tiny_params):
     from kdprune.stages import Paths, run_stage
     from kdprune.tracking import NullTracker
