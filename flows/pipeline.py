@@ -5,10 +5,13 @@ Run inside the project, the flow then records its outputs with `dvc commit`, so 
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -16,10 +19,12 @@ from prefect.artifacts import create_markdown_artifact
 from kdprune import config
 from kdprune.cli import exit_on_sigterm
 from kdprune.errors import KdpruneError
+from kdprune.lock import project_lock
 from kdprune.search import open_storage
 from kdprune.stages import Paths, resolve_device
 from kdprune.tracking import MlflowTracker, NullTracker
 from flows.search import run_search
+from flows.server import temporary_server
 from tasks import stages as t
 
 
@@ -36,19 +41,60 @@ def dvc_commit(root: Path, params_path: str, overrides: list[str]) -> str:
     return "outputs recorded in dvc.lock (dvc status is clean)"
 
 
-def _search(stage: str, params, paths, tracker, device) -> None:
-    """A search stage: a subflow with its trial workers when enabled, else a task writing {"enabled": false}."""
+class _ExpectedErrors(logging.Filter):
+    """Drops Prefect's console records (and tracebacks) about errors the CLI reports in one line itself."""
+
+    NAMES = ("KdpruneError", "TrainingDiverged", "ProjectBusy", "DownloadError", "KeyboardInterrupt", "SystemExit",
+             "Crash detected", "OSError", "PermissionError", "FileNotFoundError", "IsADirectoryError",
+             "NotADirectoryError", "[Errno")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, (KdpruneError, KeyboardInterrupt, SystemExit, OSError)):
+            return False
+        message = record.getMessage()
+        return not any(name in message for name in self.NAMES)
+
+
+@contextmanager
+def expected_errors_quiet(debug: bool) -> Iterator[None]:
+    """Without --debug, an expected error is the CLI's one line, not Prefect's 60-line report of it."""
+    handlers = [] if debug else list(logging.getLogger().handlers)
+    quiet = _ExpectedErrors()
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
+
+
+def run_pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None, device: str | None = None,
+                 tracking: bool = True, force: bool = False, debug: bool = False) -> dict:
+    """`kdprune run`: the flow on a temporary Prefect server tied to this process (unless PREFECT_API_URL is set)."""
+    with temporary_server(), expected_errors_quiet(debug):
+        return pipeline(params_path=params_path, overrides=overrides, device=device, tracking=tracking,
+                        resume=not force)
+
+
+def _search(stage: str, params, paths, tracker, device, resume: bool) -> None:
+    """A search stage: a subflow with its trial workers when enabled (Optuna resumes the study itself), else a
+    task writing {"enabled": false}."""
     if params.search.enabled:
         run_search(stage, params, paths, tracker, device)
     else:
-        getattr(t, stage.replace("-", "_"))(params, paths, tracker, device)
+        getattr(t, stage.replace("-", "_"))(params, paths, tracker, device, resume=resume)
 
 
 @flow(name="kdprune-pipeline", log_prints=True)
 def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None, device: str | None = None,
-             tracking: bool = True, root: str = ".") -> dict:
+             tracking: bool = True, root: str = ".", resume: bool = True) -> dict:
     """prepare -> search-teacher -> teacher -> search-student -> student, distill -> [compare] -> prune -> export
-    -> evaluate -> register."""
+    -> evaluate -> register.
+
+    With `resume`, stages whose inputs and outputs are unchanged since they last finished are skipped.
+    """
     exit_on_sigterm()  # scheduled runs are stopped with SIGTERM: close the MLflow runs on the way out
     overrides = list(overrides or [])
     params = config.load(params_path, overrides)
@@ -57,21 +103,22 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
         open_storage(params.search.storage)
     dev = resolve_device(device)
     tracker = MlflowTracker() if tracking and os.environ.get("KDPRUNE_TRACKING", "").lower() not in ("off", "0", "false") else NullTracker()
-    with tracker.run("pipeline", tags={"kdprune.device": str(dev)}) as parent:
+    with project_lock(paths.root, "kdprune pipeline flow"), tracker.run("pipeline", tags={"kdprune.device": str(dev)}) as parent:
+        tracker.close_orphans()
         parent.log_params(params.model_dump())
-        data = t.prepare(params, paths, parent, dev)
+        data = t.prepare(params, paths, parent, dev, resume=resume)
         # --- search order (issue 10): each study right before the stage that trains with its best point
-        _search("search-teacher", params, paths, parent, dev)
-        t.teacher(params, paths, parent, dev)
-        _search("search-student", params, paths, parent, dev)  # distils from the trained teacher
-        t.student(params, paths, parent, dev)
-        t.distill(params, paths, parent, dev)
-        t.compare(params, paths, parent, dev)  # optional: writes {"enabled": false} unless search.compare.enabled
+        _search("search-teacher", params, paths, parent, dev, resume)
+        t.teacher(params, paths, parent, dev, resume=resume)
+        _search("search-student", params, paths, parent, dev, resume)  # distils from the trained teacher
+        t.student(params, paths, parent, dev, resume=resume)
+        t.distill(params, paths, parent, dev, resume=resume)
+        t.compare(params, paths, parent, dev, resume=resume)  # optional: writes {"enabled": false} unless search.compare.enabled
         # --- end search order
-        t.prune(params, paths, parent, dev)
-        t.export(params, paths, parent, dev)
-        report = t.evaluate(params, paths, parent, dev)
-        registration = t.register(params, paths, parent, dev)
+        t.prune(params, paths, parent, dev, resume=resume)
+        t.export(params, paths, parent, dev, resume=resume)
+        report = t.evaluate(params, paths, parent, dev, resume=resume)
+        registration = t.register(params, paths, parent, dev, resume=resume)
         table = paths.report_md.read_text()
         summary = (f"{table}\n{paths.per_class_md.read_text()}\nConfusion matrix: {paths.confusion_png} "
                    f"(also an artifact of this MLflow run)\n\nRegistry: {registration['model_name']} v{registration['version']}, "
@@ -84,7 +131,7 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
     dvc_note = dvc_commit(Path(root), params_path, overrides)
     get_run_logger().info(dvc_note)
     print(summary)
-    return {"report": report, "registration": registration, "dvc": dvc_note}
+    return {"report": report, "registration": registration, "dvc": dvc_note, "not_logged": tracker.not_logged()}
 
 
 def serve(params_path: str, cron: str) -> None:

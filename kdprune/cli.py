@@ -1,4 +1,8 @@
-"""`kdprune run | stage | serve | predict`: the command line. Errors in the user's input end as one line and exit 2."""
+"""`kdprune run | stage | serve | predict`: the command line.
+
+Errors in the user's input (a KdpruneError, an OSError on a project file) end as one line and exit 2, interrupts
+(SIGINT, SIGTERM) as one line and exit 130 / 143; `--debug` (or KDPRUNE_DEBUG=1) shows the full traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="override a param, e.g. -S distill.temperature=2 (repeatable)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: $KDPRUNE_DEVICE, else cuda if present)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (also: KDPRUNE_TRACKING=off)")
+    parser.add_argument("--debug", action="store_true", help="full tracebacks (also: KDPRUNE_DEBUG=1)")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -32,6 +37,7 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole pipeline as a Prefect flow (MLflow parent run, DVC commit)")
     _common(run)
+    run.add_argument("--force", action="store_true", help="rerun every stage, even those whose outputs are up to date")
     stage = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)")
     stage.add_argument("name", help=f"one of: {', '.join(STAGES)}")
     _common(stage)
@@ -44,6 +50,7 @@ def make_parser() -> argparse.ArgumentParser:
     predict.add_argument("-p", "--params", default="params.yaml", help="params file, for the default model")
     predict.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a param, e.g. -S registry.alias=candidate (repeatable)")
+    predict.add_argument("--debug", action="store_true", help="full tracebacks (also: KDPRUNE_DEBUG=1)")
     predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders of them")
     return parser
 
@@ -62,13 +69,17 @@ def predict_command(args: argparse.Namespace) -> None:
         print(f"{path}\t{label}\t{probability:.4f}")
 
 
+def tracking_on(args: argparse.Namespace) -> bool:
+    return not (args.no_tracking or os.environ.get("KDPRUNE_TRACKING", "").lower() in ("off", "0", "false"))
+
+
 def tracker_for(args: argparse.Namespace):
     """MLflow unless switched off; a stage run nests under $KDPRUNE_PARENT_RUN_ID when set, else, when DVC runs
     it (`dvc repro`, `dvc exp run`), under one parent run per DVC invocation / experiment."""
     from kdprune.lineage import dvc_context, dvc_invocation, run_context
     from kdprune.tracking import MlflowTracker, NullTracker
 
-    if args.no_tracking or os.environ.get("KDPRUNE_TRACKING", "").lower() in ("off", "0", "false"):
+    if not tracking_on(args):
         return NullTracker()
     tracker = MlflowTracker(run_id=os.environ.get("KDPRUNE_PARENT_RUN_ID") or None)
     key = None if tracker.run_id else dvc_invocation()
@@ -100,36 +111,79 @@ def exit_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
+def os_error_line(error: OSError) -> str:
+    """'path: No space left on device' - the file and the reason, without the errno noise."""
+    where = error.filename if error.filename is not None else ""
+    reason = error.strerror or str(error)
+    return f"{where}: {reason}" if where else reason
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "predict":
+        predict_command(args)
+        return 0
+    from kdprune import config
+    from kdprune import data as data_mod
+    from kdprune.lock import project_lock
+    from kdprune.stages import Paths, resolve_device
+
+    params = config.load(args.params, args.overrides)
+    device = resolve_device(args.device)
+    if args.command == "serve":
+        from flows.pipeline import serve
+
+        serve(args.params, params.serve.cron)
+        return 0
+    if args.command == "run" or args.name == "prepare":
+        data_mod.check_source(params.data)  # a missing path or unreadable archive fails before any server starts
+    with project_lock(Path("."), f"kdprune {args.command}" + (f" {args.name}" if args.command == "stage" else "")):
+        tracker = tracker_for(args)  # MLflow's store is checked here: an unreachable one fails in seconds
+        tracker.close_orphans()  # runs left RUNNING by a killed kdprune process
+        if args.command == "stage":
+            summary = _run_one_stage(args.name, params, Paths(Path(".")), tracker, device)
+            print(f"{args.name}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict)))
+        else:
+            from flows.pipeline import run_pipeline
+
+            run_pipeline(params_path=args.params, overrides=args.overrides, device=str(device),
+                         tracking=tracking_on(args), force=args.force, debug=args.debug)
+        not_logged = tracker.not_logged()
+    if not_logged:  # the outputs are saved; say once what the tracking server did not get
+        print(f"kdprune: error: {not_logged}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     for key, value in TELEMETRY_OFF.items():
         os.environ.setdefault(key, value)
     exit_on_sigterm()
     args = make_parser().parse_args(argv)
+    args.debug = args.debug or os.environ.get("KDPRUNE_DEBUG", "").lower() in ("1", "true", "on")
     try:
-        if args.command == "predict":
-            predict_command(args)
-            return 0
-        from kdprune import config
-        from kdprune.stages import Paths, resolve_device
-
-        params = config.load(args.params, args.overrides)
-        device = resolve_device(args.device)
-        if args.command == "stage":
-            summary = _run_one_stage(args.name, params, Paths(Path(".")), tracker_for(args), device)
-            print(f"{args.name}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict)))
-        elif args.command == "run":
-            from flows.pipeline import pipeline
-
-            pipeline(params_path=args.params, overrides=args.overrides, device=str(device),
-                     tracking=not args.no_tracking)
-        else:
-            from flows.pipeline import serve
-
-            serve(args.params, params.serve.cron)
+        return _dispatch(args)
     except KdpruneError as error:
-        print(f"kdprune: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+        line, code, caught = str(error), 2, error
+    except OSError as error:  # a project file that cannot be read or written: full disk, read-only folder
+        line, code, caught = os_error_line(error), 2, error
+    except KeyboardInterrupt as error:
+        line, code, caught = "interrupted (SIGINT); open runs were marked KILLED", 130, error
+    except SystemExit as error:
+        if error.code != 143:
+            raise
+        line, code, caught = "terminated (SIGTERM); open runs were marked FAILED", 143, error
+    if args.debug:
+        import traceback
+
+        traceback.print_exception(caught)
+    print(f"kdprune: error: {line}", file=sys.stderr)
+    if argv is None and code in (130, 143):
+        # Interrupted as a command: the runs are marked and the server stopped, so skip the interpreter's teardown,
+        # which took about 20 s after a signal (library threads and atexit hooks).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -357,6 +357,10 @@ def load(path: str | Path = "params.yaml", overrides: list[str] | None = None) -
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise KdpruneError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise KdpruneError(f"{path}: params file is not readable ({getattr(error, 'strerror', None) or error})") from None
+    if raw is None:  # an empty file must not silently run everything on defaults
+        raise KdpruneError(f"{path}: params file is empty (copy the project's params.yaml and edit it)")
     if overrides:
         raw = apply_overrides(raw or {}, overrides)
     return parse(raw, str(path))

@@ -13,6 +13,7 @@ import io
 import os
 import pickle
 import tarfile
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
@@ -114,7 +115,7 @@ def _tar_members(archive: Path) -> Iterator[tuple[str, callable]]:
                 if member.isfile():
                     data = tar.extractfile(member).read()  # read now: the archive is closed when the caller reads
                     yield member.name, (lambda d=data: d)
-    except tarfile.TarError as error:
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as error:  # corrupt, truncated, bad gzip stream
         raise KdpruneError(f"{archive}: not a readable tar archive ({(str(error).splitlines() or [type(error).__name__])[0]})") from None
 
 
@@ -267,6 +268,32 @@ def _to_batch(images, size: int | None, field: str) -> torch.Tensor:
     elif size is not None and tuple(images.shape[-2:]) != (size, size):
         images = TF.resize(images, [size, size], antialias=True)
     return images.contiguous()
+
+
+def check_source(params: DataParams) -> None:
+    """The cheap checks of the data source (path exists, is readable, archive opens), before any server starts."""
+    if params.source == "digits" or params.path is None:
+        return
+    path = Path(params.path)
+    if params.source == "cifar10":
+        if path.exists() and not path.is_dir():
+            raise KdpruneError(f"{path}: data.path of cifar10 must be a cache folder, not a file")
+        return
+    if not path.exists():
+        raise KdpruneError(f"{path}: dataset path does not exist")
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise KdpruneError(f"{path}: dataset path is not readable (permission denied)")
+    if path.is_dir():
+        if not any(path.iterdir()):
+            raise KdpruneError(f"{path}: dataset folder is empty (expected train/<class>/ and test/<class>/)")
+        return
+    if path.stat().st_size == 0:
+        raise KdpruneError(f"{path}: dataset archive is empty (0 bytes)")
+    try:
+        with tarfile.open(path) as tar:
+            tar.next()  # reads the first header: catches a file that is no archive at all
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+        raise KdpruneError(f"{path}: not a readable tar archive ({(str(error).splitlines() or [type(error).__name__])[0]})") from None
 
 
 def prepare(params: DataParams, seed: int) -> Prepared:

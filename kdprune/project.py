@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from kdprune.config import ModelParams, Params, TrainParams
+from kdprune.errors import KdpruneError
 from kdprune.io import read_json
 from kdprune.models import build
 from kdprune.train import EpochCallback, Split, fit
@@ -147,8 +148,18 @@ def searched_params(params: Params, best: dict[str, dict]) -> Params:
 
 
 def effective_params(params: Params, paths: Paths) -> Params:
-    """params.yaml with the search's best points applied when `search.enabled` (search/<role>.json are deps)."""
-    return searched_params(params, {role: load_best(paths, role) for role in ROLES})
+    """params.yaml with the search's best points applied when `search.enabled` (search/<role>.json are deps).
+
+    A best-point file that is not what the search writes is one error line naming it.
+    """
+    for role in ROLES:
+        try:
+            params = searched_params(params, {role: load_best(paths, role)})
+        except (KeyError, TypeError, AttributeError, ValueError) as error:  # pydantic's ValidationError is a ValueError
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise KdpruneError(f"{paths.search_best(role)}: not a usable search result ({type(error).__name__}: "
+                               f"{reason[:120]}); run the search-{role} stage again") from None
+    return params
 
 
 # ------------------------------------------------------------------------------ seed, build, fit

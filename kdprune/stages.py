@@ -19,9 +19,9 @@ import torch
 from kdprune import compare as compare_mod, data as data_mod, registry, search as search_mod
 from kdprune.checkpoint import load_model, save_model
 from kdprune.config import ModelParams, Params, TrainParams
-from kdprune.io import read_json, write_json, write_text
 from kdprune.confusion import confusion_matrix, format_per_class, per_class, plot_confusion
 from kdprune.errors import KdpruneError
+from kdprune.io import json_field, read_json, write_json, write_text
 from kdprune.lineage import file_hash, lineage_tags, run_context
 from kdprune.metrics import compare_latency, latency_cost, layer_channels, model_costs, pruner_clock
 from kdprune.plots import sensitivity_plot
@@ -409,13 +409,16 @@ def register(params: Params, paths: Paths, tracker=NullTracker(), device: torch.
     decide one after the other, each against the champion of that moment.
     """
     served, payload = _served_pruned(params, paths)
-    report = read_json(paths.report_json)
+    where = paths.report_json
+    report = read_json(where, "the evaluate stage's report")
     prepared = data_mod.load_prepared(paths.prepared)
     val_x, val_y = prepared["val_x"], prepared["val_y"]
     correct = (predict_pixels(served, val_x) == val_y).tolist()
-    pruned_row = report["models"]["pruned"]
-    candidate = {"val_accuracy": round(sum(correct) / len(correct), 4), "test_accuracy": pruned_row["test_accuracy"],
-                 "macs": pruned_row["macs"], "cpu_latency_ms_b1": pruned_row["cpu_latency_ms_b1"],
+    row = ("models", "pruned")
+    candidate = {"val_accuracy": round(sum(correct) / len(correct), 4),
+                 "test_accuracy": json_field(where, report, *row, "test_accuracy"),
+                 "macs": json_field(where, report, *row, "macs", kind=int),
+                 "cpu_latency_ms_b1": json_field(where, report, *row, "cpu_latency_ms_b1"),
                  "dataset_id": prepared["dataset_id"], "tta": params.prune.finetune.tta,
                  "classes": list(payload["classes"]), "input_shape": list(payload["input_shape"])}
     name, alias = params.registry.model_name, params.registry.alias
@@ -474,19 +477,39 @@ STAGES = {"prepare": prepare, "search-teacher": search_teacher, "teacher": teach
 SEARCH_STAGES = {"search-teacher": "teacher", "search-student": "student"}
 
 
-def run_stage(name: str, params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None,
-              **options) -> dict:
-    """Run one stage inside its own tracking run (nested under the tracker's run, if any)."""
-    if name not in STAGES:
-        from kdprune.errors import KdpruneError
+def _stage_inputs_beyond_dvc(name: str, tracker) -> dict:
+    """Inputs of a stage that dvc.yaml cannot see: the registry a registration went to."""
+    return {"tracking": getattr(tracker, "tracking_uri", None)} if name == "register" else {}
 
+
+def run_stage(name: str, params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None,
+              resume: bool = False, **options) -> dict:
+    """Run one stage inside its own tracking run (nested under the tracker's run, if any).
+
+    With `resume`, a stage whose inputs and outputs are unchanged since it last finished is skipped (kdprune/resume.py);
+    its summary is that of the finished run. Every finished stage is recorded, whoever ran it (flow, CLI, DVC).
+    """
+    from kdprune import resume as resume_mod
+
+    if name not in STAGES:
         raise KdpruneError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
-    with tracker.run(name, tags={"kdprune.stage": name, **run_context(paths.root)}) as run:
+    extra = _stage_inputs_beyond_dvc(name, tracker)
+    tags = {"kdprune.stage": name, **run_context(paths.root)}
+    output = stage_outputs(paths).get(name)
+    if resume and (done := resume_mod.completed(paths.root, name, params, extra)) is not None:
+        print(f"{name}: skipped, outputs up to date (inputs unchanged since it last finished)")
+        with tracker.run(name, tags={**tags, "kdprune.skipped": "outputs up to date"}) as run:
+            run.log_metrics({k: v for k, v in done.items() if not isinstance(v, dict)})
+            if output is not None and output.is_file():
+                run.set_tags({"kdprune.output_sha256": file_hash(output)})
+        return done
+    with tracker.run(name, tags=tags) as run:
         summary = STAGES[name](params, paths, run, device, **options)
-        output = stage_outputs(paths).get(name)
         if output is not None and output.is_file():  # how register finds the run that made each input
             run.set_tags({"kdprune.output_sha256": file_hash(output)})
-        return summary
+    if name != "register" or summary.get("version") is not None or isinstance(tracker, NullTracker):
+        resume_mod.mark_done(paths.root, name, params, summary, extra)  # a registration that never reached the registry is not done
+    return summary
 
 
 def stage_outputs(paths: Paths) -> dict[str, Path]:

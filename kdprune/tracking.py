@@ -7,12 +7,23 @@ Runs nest: the pipeline's parent run holds one child run per stage (and per sear
 from __future__ import annotations
 
 import os
+import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
+
+from kdprune.errors import KdpruneError
+from kdprune.lock import process_alive, process_token
+
+# Bounded retries: MLflow's defaults (7 retries, backoff factor 2, 120 s timeout) turn a dead server into minutes
+# of waiting per call. Users can still set these themselves.
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                       "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+# Per tracking URI: the first error once the store became unusable mid-run, and what could not be logged since.
+_LOST: dict[str, dict] = {}
 
 
 def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
@@ -60,6 +71,48 @@ class NullTracker:
     def run_for_output(self, stage: str, sha256: str | None) -> str | None:
         return None
 
+    def close_orphans(self) -> list[str]:
+        return []
+
+    def not_logged(self) -> str | None:
+        return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
+
+
+def check_store(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, with one line naming the URI, when the tracking store cannot be used."""
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+                response.read()
+        except urllib.error.HTTPError as error:
+            if error.code >= 500 or error.code == 404:  # 404: something answers, but it is no MLflow server
+                raise KdpruneError(f"MLFLOW_TRACKING_URI {uri}: not a working MLflow server (HTTP {error.code} "
+                                   "on /health); fix the URI or use --no-tracking") from None
+        except (OSError, ValueError) as error:  # refused, unknown host, timeout
+            reason = getattr(error, "reason", None) or error
+            raise KdpruneError(f"MLFLOW_TRACKING_URI {uri}: tracking server unreachable ({_first_line(reason) if isinstance(reason, BaseException) else reason}); "
+                               "start it, fix the URI, or use --no-tracking") from None
+        return
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        folder = db.parent
+        if not folder.is_dir():
+            raise KdpruneError(f"{folder}: folder of the MLflow store ({uri}) does not exist")
+        if db.exists() and not os.access(db, os.R_OK | os.W_OK):
+            raise KdpruneError(f"{db}: MLflow store is not writable (read-only file); fix its permissions or "
+                               "set MLFLOW_TRACKING_URI elsewhere")
+        if not os.access(folder, os.W_OK | os.X_OK):  # SQLite writes its journal beside the database
+            raise KdpruneError(f"{folder}: folder of the MLflow store is not writable (read-only); fix its "
+                               "permissions or set MLFLOW_TRACKING_URI elsewhere")
+
 
 def default_tracking_uri() -> str:
     """MLFLOW_TRACKING_URI when set, else a SQLite file in the working directory (the project)."""
@@ -78,11 +131,15 @@ class MlflowTracker:
 
     def __init__(self, tracking_uri: str | None = None, experiment: str | None = None, run_id: str | None = None):
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        for key, value in HTTP_RETRY_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        self.tracking_uri = tracking_uri or default_tracking_uri()
+        check_store(self.tracking_uri)
         import mlflow
         from mlflow.tracking import MlflowClient
 
         self._mlflow = mlflow
-        self.tracking_uri = tracking_uri or default_tracking_uri()
+        self.run_name = None
         mlflow.set_tracking_uri(self.tracking_uri)
         self.client = MlflowClient(self.tracking_uri)
         name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "kdprune"
@@ -93,7 +150,8 @@ class MlflowTracker:
 
     def __getstate__(self) -> dict:
         # Process and Dask workers rebuild the client from the URI; the run id keeps them nested.
-        return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id, "run_id": self.run_id}
+        return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id, "run_id": self.run_id,
+                "run_name": self.run_name}
 
     def __setstate__(self, state: dict) -> None:
         import mlflow
@@ -102,35 +160,86 @@ class MlflowTracker:
         self.__dict__.update(state, _mlflow=mlflow, client=MlflowClient(state["tracking_uri"]))
         mlflow.set_tracking_uri(state["tracking_uri"])
 
-    def _child(self, run_id: str) -> MlflowTracker:
+    def _child(self, run_id: str | None, name: str) -> MlflowTracker:
         child = object.__new__(MlflowTracker)
-        child.__dict__.update(self.__dict__, run_id=run_id)
+        child.__dict__.update(self.__dict__, run_id=run_id, run_name=name)
         return child
+
+    # ------------------------------------------------------------------ a store that fails mid-run
+    def _store_failed(self, error: BaseException) -> bool:
+        """Whether `error` means the store is gone (server down, disk full, read-only), not a bug in the call."""
+        if isinstance(error, OSError) or any(text in str(error) for text in ("disk is full", "No space left",
+                                                                               "readonly database", "unable to open")):
+            return True
+        try:
+            check_store(self.tracking_uri, timeout=3)
+        except KdpruneError:
+            return True
+        return False
+
+    def _logged(self, what: str, call: Callable, *args, **kwargs):
+        """Run one tracking call; once the store has failed, skip it and remember what was not logged."""
+        lost = _LOST.get(self.tracking_uri)
+        if lost is None and (self.run_id is not None or what.endswith("run")):
+            try:
+                return call(*args, **kwargs)
+            except Exception as error:  # noqa: BLE001 - MLflow and its HTTP/SQL layers raise many types
+                if not self._store_failed(error):
+                    raise
+                lost = _LOST.setdefault(self.tracking_uri, {"error": _first_line(error), "missed": []})
+        if lost is not None:
+            entry = f"{self.run_name or 'run'} {what}"
+            if entry not in lost["missed"]:
+                lost["missed"].append(entry)
+        return None
+
+    def not_logged(self) -> str | None:
+        """One line saying what the store did not get because it failed mid-run (None when all was logged)."""
+        lost = _LOST.get(self.tracking_uri)
+        if not lost:
+            return None
+        missed = lost["missed"]
+        shown = ", ".join(missed[:12]) + (f" and {len(missed) - 12} more" if len(missed) > 12 else "")
+        return (f"tracking store {self.tracking_uri} failed mid-run ({lost['error']}); outputs are saved locally; "
+                f"not logged: {shown}")
+
+    def close_orphans(self) -> list[str]:
+        """Mark KILLED the runs that a kdprune process on this machine left RUNNING when it was killed."""
+        runs = self._logged("orphan check run", self.client.search_runs, [self.experiment_id],
+                            filter_string="attributes.status = 'RUNNING'", max_results=1000) or []
+        closed = []
+        for run in runs:
+            token = run.data.tags.get("kdprune.process")
+            if run.data.tags.get("kdprune.host") == socket.gethostname() and token and not process_alive(token):
+                self.client.set_terminated(run.info.run_id, "KILLED")
+                closed.append(run.info.run_id)
+        return closed
 
     @contextmanager
     def run(self, name: str, tags: dict | None = None) -> Iterator[MlflowTracker]:
         """A run nested under this tracker's run (top level if none); FAILED/KILLED if the block raises."""
-        all_tags = {"mlflow.runName": name, **(tags or {})}
+        all_tags = {"mlflow.runName": name, "kdprune.host": socket.gethostname(),
+                    "kdprune.process": process_token(), **(tags or {})}
         if self.run_id:
             all_tags["mlflow.parentRunId"] = self.run_id
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
-        run_id = run.info.run_id
+        run = self._logged("run", self.client.create_run, self.experiment_id, run_name=name, tags=all_tags)
+        child = self._child(run.info.run_id if run else None, name)
         try:
-            yield self._child(run_id)
+            yield child
         except KeyboardInterrupt:
-            self.client.set_terminated(run_id, "KILLED")
+            child._logged("status KILLED", self.client.set_terminated, child.run_id, "KILLED")
             raise
         except BaseException:
-            self.client.set_terminated(run_id, "FAILED")
+            child._logged("status FAILED", self.client.set_terminated, child.run_id, "FAILED")
             raise
-        self.client.set_terminated(run_id, "FINISHED")
+        child._logged("status FINISHED", self.client.set_terminated, child.run_id, "FINISHED")
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
         for start in range(0, len(items), 100):  # MLflow's batch limit
-            self.client.log_batch(self.run_id, params=items[start:start + 100])
+            self._logged("params", self.client.log_batch, self.run_id, params=items[start:start + 100])
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         from mlflow.entities import Metric
@@ -139,35 +248,41 @@ class MlflowTracker:
         items = [Metric(k, float(v), now, step or 0) for k, v in flatten(metrics).items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if items:
-            self.client.log_batch(self.run_id, metrics=items)
+            self._logged("metrics", self.client.log_batch, self.run_id, metrics=items)
 
     def set_tags(self, tags: dict) -> None:
         for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
+            self._logged("tags", self.client.set_tag, self.run_id, key, str(value))
 
     def log_artifact(self, path: str | Path) -> None:
-        self.client.log_artifact(self.run_id, str(path))
+        self._logged(f"artifact {Path(path).name}", self.client.log_artifact, self.run_id, str(path))
 
     def log_text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
+        self._logged(f"artifact {name}", self.client.log_text, self.run_id, text, name)
 
-    def log_model(self, model, name: str, input_example, metadata: dict | None = None) -> dict:
+    def log_model(self, model, name: str, input_example, metadata: dict | None = None) -> dict | None:
         """Log a PyTorch model (torch.export format; signature inferred from the example; `metadata`, such as the
-        class names, kept in its MLmodel file): its URI and model id."""
+        class names, kept in its MLmodel file): its URI and model id (None when the store failed mid-run)."""
         import torch
 
-        with self._mlflow.start_run(run_id=self.run_id):
-            info = self._mlflow.pytorch.log_model(
-                model, name=name, input_example=input_example, metadata=metadata,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            )
-        self.client.update_run(self.run_id, status="RUNNING")  # start_run's exit marked it finished
-        return {"uri": info.model_uri, "model_id": info.model_id}
+        def log() -> dict:
+            with self._mlflow.start_run(run_id=self.run_id):
+                info = self._mlflow.pytorch.log_model(
+                    model, name=name, input_example=input_example, metadata=metadata,
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                )
+            self.client.update_run(self.run_id, status="RUNNING")  # start_run's exit marked it finished
+            return {"uri": info.model_uri, "model_id": info.model_id}
+
+        return self._logged("model", log)
 
     # ------------------------------------------------------------------------------------ model registry
     def champion(self, model_name: str, alias: str) -> dict | None:
         """The version holding `alias` (its number, tags and `models:/` URI), or None."""
         from mlflow.exceptions import MlflowException
+
+        if self.tracking_uri in _LOST:
+            return None  # the store failed mid-run: nothing will be registered
 
         try:
             version = self.client.get_model_version_by_alias(model_name, alias)
@@ -193,8 +308,9 @@ class MlflowTracker:
 
         from mlflow.exceptions import MlflowException
 
-        from kdprune.errors import KdpruneError
-
+        if self.tracking_uri in _LOST:  # the store failed mid-run: nothing will be registered
+            yield
+            return
         lock, deadline = f"{model_name}.lock", time.monotonic() + timeout_s
         holder = f"{socket.gethostname()} pid {os.getpid()} run {self.run_id}"
         while True:
@@ -258,7 +374,7 @@ class MlflowTracker:
 
     def run_for_output(self, stage: str, sha256: str | None) -> str | None:
         """The latest `stage` run that wrote a file with this sha256 (tag `kdprune.output_sha256`), or None."""
-        if not sha256:
+        if not sha256 or self.tracking_uri in _LOST:
             return None
         found = self.client.search_runs(
             [self.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],

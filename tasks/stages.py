@@ -22,10 +22,11 @@ def _download_failed(task, task_run, state) -> bool:
 
 
 def _stage_task(name: str, **options):
-    # cache_policy=NONE: stages read and write files; DVC, not Prefect, decides what is up to date.
+    # cache_policy=NONE: stages read and write files; kdprune/resume.py (keyed on dvc.yaml's inputs) decides
+    # what is up to date, and checks the output files too, which Prefect's cache would not.
     @task(name=name, cache_policy=NONE, **options)
-    def stage(params, paths, tracker, device):
-        return run_stage(name, params, paths, tracker, device)
+    def stage(params, paths, tracker, device, resume: bool = False):
+        return run_stage(name, params, paths, tracker, device, resume=resume)
 
     return stage
 

@@ -34,10 +34,12 @@ def test_params_are_frozen(tiny_params):
         tiny_params.seed = 3
 
 
-def test_empty_file_gives_defaults(tmp_path):
+@pytest.mark.parametrize("text", ["", "\n# comments only\n"])
+def test_empty_file_is_an_error_not_silent_defaults(tmp_path, text):
     path = tmp_path / "params.yaml"
-    path.write_text("")
-    assert config.load(path) == config.Params()
+    path.write_text(text)
+    with pytest.raises(KdpruneError, match="params.yaml: params file is empty"):
+        config.load(path)
 
 
 def test_overrides_apply_yaml_values(tmp_path, tiny_raw):
