@@ -148,7 +148,7 @@ def team_repo(tmp_path_factory) -> Path:
     """A project that ran the pipeline on the shipped params (tiny), committed its results and pushed them."""
     repo = init_project(tmp_path_factory.mktemp("team") / "project", tiny_shipped_params())
     run(["dvc", "repro"], repo)
-    run(["git", "add", "dvc.lock", "metrics", "plots", "reports"], repo)
+    run(["git", "add", "dvc.lock", "metrics", "plots", "reports", "search"], repo)
     run(["git", "commit", "-q", "-m", "results"], repo)
     run(["dvc", "push"], repo)
     assert run(["git", "status", "--porcelain"], repo).strip() == ""  # nothing else to commit, nothing dirty
