@@ -298,7 +298,8 @@ def search(params: Params, paths, tracker=NullTracker(), device: torch.device | 
     prepared = data_mod.load_prepared(paths.prepared)
     url = storage_url(params.search, paths.root)
     tracker.log_params({"search": params.search.model_dump(exclude={"space"}), "storage": url.split("@")[-1]})
-    base = dict(params=params, storage=url, prepared_path=paths.prepared, device=str(device), tracker=tracker)
+    # absolute paths: process and Dask workers need not share this process's working directory
+    base = dict(params=params, storage=url, prepared_path=paths.prepared.resolve(), device=str(device), tracker=tracker)
     teacher_setup = TrialSetup(role="teacher", study_name=study_name(params, "teacher", prepared["dataset_id"]),
                                teacher_path=None, **base)
     teacher_study = _run_study(teacher_setup, run_workers)
@@ -320,7 +321,7 @@ def search(params: Params, paths, tracker=NullTracker(), device: torch.device | 
 
     student_setup = TrialSetup(role="student", study_name=study_name(params, "student", prepared["dataset_id"],
                                                                      teacher_point),
-                               teacher_path=paths.search_dir / "proxy_teacher.pt", **base)
+                               teacher_path=(paths.search_dir / "proxy_teacher.pt").resolve(), **base)
     student_study = _run_study(student_setup, run_workers)
     student_trials = [t for t in student_study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not student_trials:

@@ -226,3 +226,16 @@ def project(trained_project, workdir) -> Path:
         else:
             shutil.copy2(child, target)
     return workdir
+
+
+# ------------------------------------------------------------------------------------- real PostgreSQL
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL 15 server on 127.0.0.1 (a free port) in a temporary folder, for the whole session."""
+    from servers import Postgres, postgres_available
+
+    if not postgres_available():
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not on PATH")
+    server = Postgres().start()
+    yield server
+    server.stop()
