@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from kdprune import distributed
 from kdprune.errors import KdpruneError
 
 TELEMETRY_OFF = {
@@ -15,6 +16,9 @@ TELEMETRY_OFF = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DVC_NO_ANALYTICS": "1",
 }
+
+
+DATA_PARALLEL_STAGES = ("teacher", "student", "distill", "prune")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +48,7 @@ def tracker_for(args: argparse.Namespace):
     """MLflow unless switched off; a stage run nests under $KDPRUNE_PARENT_RUN_ID when set."""
     from kdprune.tracking import MlflowTracker, NullTracker
 
-    if args.no_tracking or os.environ.get("KDPRUNE_TRACKING", "").lower() in ("off", "0", "false"):
+    if args.no_tracking or not distributed.is_main() or os.environ.get("KDPRUNE_TRACKING", "").lower() in ("off", "0", "false"):
         return NullTracker()
     return MlflowTracker(run_id=os.environ.get("KDPRUNE_PARENT_RUN_ID") or None)
 
@@ -59,6 +63,15 @@ def _run_one_stage(name, params, paths, tracker, device) -> dict:
             return run_stage(name, params, paths, tracker, device)
         return run_search(params, paths, tracker, device)
     return run_stage(name, params, paths, tracker, device)
+
+
+def _distributed_setup(args: argparse.Namespace, device):
+    """Under torchrun (WORLD_SIZE > 1): only training stages, each rank on its device in one process group."""
+    if distributed.world_size() > 1 and getattr(args, "name", None) not in DATA_PARALLEL_STAGES:
+        what = " ".join([args.command, getattr(args, "name", "")]).strip()
+        raise KdpruneError(f"torchrun runs only the training stages ({', '.join(DATA_PARALLEL_STAGES)}): "
+                           f"run `kdprune {what}` without it")
+    return distributed.setup(device)
 
 
 def exit_on_sigterm() -> None:
@@ -80,10 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         from kdprune.stages import Paths, resolve_device
 
         params = config.load(args.params, args.overrides)
-        device = resolve_device(args.device)
+        device = _distributed_setup(args, resolve_device(args.device))
         if args.command == "stage":
             summary = _run_one_stage(args.name, params, Paths(Path(".")), tracker_for(args), device)
-            print(f"{args.name}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict)))
+            if distributed.is_main():
+                print(f"{args.name}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict)))
         elif args.command == "run":
             from flows.pipeline import pipeline
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from kdprune import data as data_mod
+from kdprune import data as data_mod, distributed
 from kdprune.checkpoint import load_model, save_model
 from kdprune.config import Params, RoleParams, TrainParams
 from kdprune.io import read_json, write_json, write_text
@@ -107,6 +107,8 @@ def _train_and_save(name: str, model: torch.nn.Module, spec: dict, train_params:
     summary = {"val_accuracy": history[-1]["val_accuracy"], "val_loss": history[-1]["val_loss"],
                "train_seconds": round(seconds, 2), "epochs": len(history), "macs": macs, "params": n_params,
                **(extra or {})}
+    if not distributed.is_main():  # under torchrun every rank trained the same weights; rank 0 writes them
+        return summary
     save_model(paths.model(name), model, spec, input_shape, prepared["classes"],
                extra={"val_accuracy": summary["val_accuracy"], "dataset_id": prepared["dataset_id"],
                       "mean": prepared["mean"].tolist(), "std": prepared["std"].tolist()})

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdprune import distributed
 from kdprune.augment import augment
 from kdprune.config import DistillParams, TrainParams
 from kdprune.errors import TrainingDiverged
@@ -116,8 +117,11 @@ def fit(
         ema = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(params.ema), use_buffers=True
         )
-    step_model = torch.compile(model) if params.compile else model
-    batch_size = min(params.batch_size, len(train))
+    # under torchrun: this rank's shard, its share of the batch, gradients averaged by DDP (no-ops otherwise)
+    train = Split(*distributed.shard(train.x, train.y), train.mean, train.std)
+    step_model = distributed.wrap(model)
+    step_model = torch.compile(step_model) if params.compile else step_model
+    batch_size = min(distributed.local_batch(params.batch_size), len(train))
     steps_per_epoch = max(1, len(train) // batch_size)  # drop the last partial batch: steady shapes
     total_steps = steps_per_epoch * params.epochs
     warmup_steps = int(params.warmup_epochs * steps_per_epoch)
@@ -159,7 +163,7 @@ def fit(
             loss_sum += loss.detach()
             correct += (logits.detach().argmax(1) == y).sum()
             step += 1
-        train_loss = (loss_sum / steps_per_epoch).item()  # one sync per epoch
+        train_loss = distributed.mean(loss_sum / steps_per_epoch).item()  # one sync per epoch
         if not torch.isfinite(torch.tensor(train_loss)):
             raise TrainingDiverged(f"{stage}: loss became {train_loss} at epoch {epoch}")
         scored = ema.module if ema is not None else model
@@ -176,7 +180,7 @@ def fit(
         history.append(row)
         if bar is not None:
             bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{row['val_accuracy']:.3f}")
-        else:
+        elif distributed.is_main():
             print(f"{stage} epoch {epoch}/{params.epochs}: train_loss={train_loss:.4f} "
                   f"val_loss={row['val_loss']:.4f} val_accuracy={row['val_accuracy']:.4f} ({row['seconds']:.1f}s)",
                   file=sys.stderr, flush=True)

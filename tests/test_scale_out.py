@@ -67,3 +67,55 @@ def test_search_on_postgres_with_two_workers_accounts_for_every_trial(search_roo
         assert states.count(State.COMPLETE) + states.count(State.PRUNED) + states.count(State.FAIL) == 4, states
         assert sorted(t.number for t in trials) == [0, 1, 2, 3]
         assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 4  # workers seeded apart
+
+
+# ------------------------------------------------------------------------------ torchrun + DDP (gloo, CPU)
+def test_shards_partition_the_split_equally_and_the_batch_is_split_over_ranks(monkeypatch):
+    import torch
+
+    from kdprune import distributed
+
+    x, y = torch.arange(11).view(11, 1), torch.arange(11)
+    assert distributed.shard(x, y)[1].tolist() == list(range(11))  # one process: the whole split
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    shards = []
+    for r in (0, 1):
+        monkeypatch.setenv("RANK", str(r))
+        shards.append(distributed.shard(x, y)[1].tolist())
+    assert shards == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]  # disjoint, equal sizes: ranks take equal step counts
+    assert distributed.local_batch(64) == 32
+    assert not distributed.is_main()
+
+
+@pytest.mark.slow
+def test_teacher_stage_under_torchrun_trains_with_two_gloo_processes_writes_one_model_logs_once(project):
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["teacher"]["train"]["epochs"] = 2
+    write_params(project / "params.yaml", raw)
+    (project / "models" / "teacher.pt").unlink()
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "kdprune", "stage", "teacher", "--device", "cpu"],
+                          cwd=project, env=subprocess_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("teacher: val_accuracy=") == 1, done.stdout  # one summary line: rank 0's
+    assert done.stderr.count("teacher epoch 2/2") == 1  # epoch lines from rank 0 only
+    metrics = json.loads((project / "metrics" / "teacher.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["val_accuracy"] > 0.5  # it learned (10 classes: chance is 0.1)
+    assert (project / "models" / "teacher.pt").is_file() and not leftovers(project)
+    runs = [r for r in all_runs(uri) if r.data.tags.get("kdprune.stage") == "teacher"]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # logged once, by rank 0
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(uri).get_metric_history(runs[0].info.run_id, "val_accuracy")
+    assert [m.step for m in history] == [1, 2]
+
+
+def test_non_training_stage_under_torchrun_is_refused(project, capfd, monkeypatch):
+    from kdprune.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["stage", "evaluate", "--no-tracking"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "torchrun runs only the training stages" in err[0] and "kdprune stage evaluate" in err[0]
