@@ -74,10 +74,12 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
     return {"report": report, "registration": registration, "dvc": dvc_note}
 
 
-def serve(params_path: str, cron: str) -> None:
+def serve(params_path: str, cron: str, overrides: list[str] | None = None, device: str | None = None,
+          tracking: bool = True) -> None:
     """Serve the pipeline on `cron` against a real Prefect server (schedules do not fire on the temporary one)."""
     if not os.environ.get("PREFECT_API_URL"):
         raise KdpruneError("serve needs a Prefect server: run scripts/prefect-server.sh and set "
                            "PREFECT_API_URL=http://127.0.0.1:4200/api (see README)")
     pipeline.serve(name="kdprune-scheduled", cron=cron,
-                   parameters={"params_path": str(Path(params_path).resolve()), "root": str(Path.cwd())})
+                   parameters={"params_path": str(Path(params_path).resolve()), "root": str(Path.cwd()),
+                               "overrides": list(overrides or []), "device": device, "tracking": tracking})

@@ -41,6 +41,13 @@ def make_parser() -> argparse.ArgumentParser:
     _common(stage)
     serve = sub.add_parser("serve", help="serve the pipeline on params' serve.cron against a Prefect server")
     _common(serve)
+    deploy = sub.add_parser("deploy", help="deploy the pipeline on a Prefect work pool (serve.cron schedule); "
+                                           "`prefect worker start --pool POOL` processes run it")
+    _common(deploy)
+    deploy.add_argument("--pool", default="kdprune", help="work pool (created as type process if missing)")
+    deploy.add_argument("--name", default="scheduled", help="deployment name (default: scheduled)")
+    deploy.add_argument("--source", default=None,
+                        help="where workers get the code: this folder (default) or a git URL they can clone")
     return parser
 
 
@@ -103,10 +110,17 @@ def main(argv: list[str] | None = None) -> int:
 
             pipeline(params_path=args.params, overrides=args.overrides, device=str(device),
                      tracking=not args.no_tracking)
-        else:
+        elif args.command == "serve":
             from flows.pipeline import serve
 
-            serve(args.params, params.serve.cron)
+            serve(args.params, params.serve.cron, args.overrides, args.device, tracking=not args.no_tracking)
+        else:
+            from flows.deployment import deploy
+
+            deployment_id = deploy(args.params, args.overrides, params.serve.cron, pool=args.pool, name=args.name,
+                                   source=args.source, device=args.device, tracking=not args.no_tracking)
+            print(f"deployment kdprune-pipeline/{args.name} ({deployment_id}) on work pool {args.pool!r}, "
+                  f"cron {params.serve.cron!r}; start workers with: prefect worker start --pool {args.pool}")
     except KdpruneError as error:
         print(f"kdprune: error: {error}", file=sys.stderr)
         return 2

@@ -119,3 +119,59 @@ def test_non_training_stage_under_torchrun_is_refused(project, capfd, monkeypatc
     assert main(["stage", "evaluate", "--no-tracking"]) == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "torchrun runs only the training stages" in err[0] and "kdprune stage evaluate" in err[0]
+
+
+# ------------------------------------------------------------------ Prefect: a deployment run by a worker
+def _api(url: str, body: dict | None = None) -> dict:
+    import urllib.request
+
+    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _wait_for_final_state(api: str, run_id: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = _api(f"{api}/flow_runs/{run_id}")
+        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
+        time.sleep(2)
+    raise AssertionError(f"flow run {run_id} not finished after {timeout:.0f} s: {run['state']}")
+
+
+@pytest.mark.slow
+def test_deployment_on_a_process_work_pool_is_run_by_a_worker_to_completed(workdir, tiny_raw):
+    write_params(workdir / "params.yaml", deep_update(tiny_raw, {"serve": {"cron": "15 4 * * *"}}))
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    with prefect_server(workdir, subprocess_env(MLFLOW_TRACKING_URI=uri)) as env:
+        api = env["PREFECT_API_URL"]
+        done = subprocess.run(["kdprune", "deploy", "--pool", "kdprune-test", "--name", "nightly",
+                               "-S", "teacher.train.epochs=1", "--device", "cpu"],
+                              cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        deployment = _api(f"{api}/deployments/name/kdprune-pipeline/nightly")
+        assert deployment["work_pool_name"] == "kdprune-test"
+        assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["15 4 * * *"]
+        assert deployment["parameters"] == {"params_path": str(workdir / "params.yaml"),
+                                            "overrides": ["teacher.train.epochs=1"], "device": "cpu",
+                                            "tracking": True, "root": str(workdir)}
+        worker = start(["prefect", "worker", "start", "--pool", "kdprune-test", "--type", "process"],
+                       workdir / "worker.log", env, cwd=workdir)
+        try:
+            started = time.monotonic()
+            run = _api(f"{api}/deployments/{deployment['id']}/create_flow_run", {})
+            run = _wait_for_final_state(api, run["id"], timeout=600)
+            print(f"deployment run on a process worker: {time.monotonic() - started:.1f} s")
+        finally:
+            stop(worker)
+        assert run["state"]["type"] == "COMPLETED", (workdir / "worker.log").read_text()[-4000:]
+    # the run worked in the project it was deployed from, with the override applied
+    assert json.loads((workdir / "metrics" / "teacher.json").read_text())["epochs"] == 1
+    assert json.loads((workdir / "metrics" / "student.json").read_text())["epochs"] == 2
+    registration = json.loads((workdir / "reports" / "registration.json").read_text())
+    assert str(registration["version"]) == "1" and registration["promoted"] is True
+    runs = all_runs(uri)
+    assert [r.info.status for r in runs if r.info.run_name == "pipeline"] == ["FINISHED"]
+    assert not [r for r in runs if r.info.status == "RUNNING"]
