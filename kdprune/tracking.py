@@ -170,7 +170,9 @@ class MlflowTracker:
             self.client.get_registered_model(model_name)
         except MlflowException:
             self.client.create_registered_model(model_name)
-        version = self.client.create_model_version(model_name, model_uri, run_id=self.run_id,
+        # a logged model's URI is models:/<model_id>; a tracking server refuses the version without that id
+        model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else None
+        version = self.client.create_model_version(model_name, model_uri, run_id=self.run_id, model_id=model_id,
                                                    tags={k: str(v) for k, v in tags.items()})
         return version.version
 

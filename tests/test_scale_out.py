@@ -175,3 +175,35 @@ def test_deployment_on_a_process_work_pool_is_run_by_a_worker_to_completed(workd
     runs = all_runs(uri)
     assert [r.info.status for r in runs if r.info.run_name == "pipeline"] == ["FINISHED"]
     assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+# ------------------------------------------------------------------------ MLflow server on PostgreSQL
+@pytest.mark.slow
+def test_pipeline_logs_to_an_mlflow_server_backed_by_postgres(workdir, tiny_raw, postgres):
+    import numpy as np
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    write_params(workdir / "params.yaml", tiny_raw)
+    server_dir = workdir / "mlflow-server"
+    server_dir.mkdir()
+    with mlflow_server(postgres.new_database("mlflow"), server_dir, subprocess_env()) as url:
+        done = subprocess.run(["kdprune", "run", "-S", "teacher.train.epochs=1", "-S", "student.train.epochs=1"],
+                              cwd=workdir, env=subprocess_env(MLFLOW_TRACKING_URI=url), capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        client = MlflowClient(url)
+        runs = all_runs(url)
+        assert sorted(r.info.run_name for r in runs) == sorted(
+            ["pipeline", "prepare", "search", "teacher", "student", "distill", "prune", "evaluate", "register"])
+        assert {r.info.status for r in runs} == {"FINISHED"}
+        (teacher,) = [r for r in runs if r.info.run_name == "teacher"]
+        assert teacher.info.artifact_uri.startswith("mlflow-artifacts:")  # served by the server, not a local path
+        assert "teacher.pt" in [a.path for a in client.list_artifacts(teacher.info.run_id)]
+        assert list((server_dir / "artifacts").rglob("teacher.pt"))  # stored where the server keeps artifacts
+        champion = client.get_model_version_by_alias("kdprune-test", "champion")
+        assert champion.version == "1"
+        mlflow.set_tracking_uri(url)
+        model = mlflow.pytorch.load_model("models:/kdprune-test@champion")
+        assert model(__import__("torch").from_numpy(np.zeros((2, 1, 8, 8), np.float32))).shape == (2, 10)
+    assert not (workdir / "mlruns").exists() and not (workdir / "mlartifacts").exists()  # nothing went local
