@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from kdprune import config
-from kdprune.cli import exit_on_sigterm
+from kdprune.signals import exit_on_sigterm
 from kdprune.errors import KdpruneError
 from kdprune.search import open_storage, storage_url
 from kdprune.stages import Paths, resolve_device

@@ -9,13 +9,8 @@ from pathlib import Path
 
 from kdprune import distributed
 from kdprune.errors import KdpruneError
-
-TELEMETRY_OFF = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DVC_NO_ANALYTICS": "1",
-}
+from kdprune.signals import exit_on_sigterm
+from kdprune.telemetry import switch_off as telemetry_off
 
 
 DATA_PARALLEL_STAGES = ("teacher", "student", "distill", "prune")
@@ -60,10 +55,31 @@ def tracker_for(args: argparse.Namespace):
     return MlflowTracker(run_id=os.environ.get("KDPRUNE_PARENT_RUN_ID") or None)
 
 
+def project_drivers() -> bool:
+    """Make the Prefect drivers importable; False when they are absent.
+
+    flows/ and tasks/ are folders of the project checkout beside kdprune/, not installed packages (generic
+    top-level names like `tasks` would shadow, or be shadowed by, a user's own modules): the checkout goes first
+    on sys.path of the kdprune process, whose workers inherit it.
+    """
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "flows" / "pipeline.py").is_file():
+        return False
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return True
+
+
+def _drivers() -> None:
+    if not project_drivers():
+        raise KdpruneError("run, serve and deploy need the project checkout (flows/ beside kdprune/): "
+                           "install it with `pip install -e .` from a clone")
+
+
 def _run_one_stage(name, params, paths, tracker, device) -> dict:
     from kdprune.stages import run_stage
 
-    if name == "search" and params.search.enabled:
+    if name == "search" and params.search.enabled and project_drivers():
         try:  # trial workers on Prefect's task runner (threads, processes or Dask) when Prefect is installed
             from flows.search import run_search
         except ImportError:
@@ -81,18 +97,8 @@ def _distributed_setup(args: argparse.Namespace, device):
     return distributed.setup(device)
 
 
-def exit_on_sigterm() -> None:
-    """Turn SIGTERM into SystemExit so open tracking runs are closed (marked FAILED), never left RUNNING."""
-    import signal
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-
-
 def main(argv: list[str] | None = None) -> int:
-    for key, value in TELEMETRY_OFF.items():
-        os.environ.setdefault(key, value)
+    telemetry_off()
     exit_on_sigterm()
     args = make_parser().parse_args(argv)
     try:
@@ -106,15 +112,18 @@ def main(argv: list[str] | None = None) -> int:
             if distributed.is_main():
                 print(f"{args.name}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict)))
         elif args.command == "run":
+            _drivers()
             from flows.pipeline import pipeline
 
             pipeline(params_path=args.params, overrides=args.overrides, device=str(device),
                      tracking=not args.no_tracking)
         elif args.command == "serve":
+            _drivers()
             from flows.pipeline import serve
 
             serve(args.params, params.serve.cron, args.overrides, args.device, tracking=not args.no_tracking)
         else:
+            _drivers()
             from flows.deployment import deploy
 
             deployment_id = deploy(args.params, args.overrides, params.serve.cron, pool=args.pool, name=args.name,

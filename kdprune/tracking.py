@@ -68,7 +68,9 @@ class MlflowTracker:
     """Logs to MLflow by explicit run id (safe across Prefect's worker threads)."""
 
     def __init__(self, tracking_uri: str | None = None, experiment: str | None = None, run_id: str | None = None):
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        from kdprune.telemetry import switch_off
+
+        switch_off()  # also when used as a library, before mlflow is imported
         import mlflow
         from mlflow.tracking import MlflowClient
 

@@ -17,12 +17,8 @@ import pytest
 import yaml
 
 # Telemetry off and every tool's state in temporary folders, before anything imports Prefect, MLflow or DVC.
-TELEMETRY_OFF = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DVC_NO_ANALYTICS": "1",
-}
+from kdprune.telemetry import TELEMETRY_OFF  # noqa: E402 - the one definition; importing kdprune is light
+
 os.environ.update(TELEMETRY_OFF)
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="kdprune-tests-"))
 atexit.register(shutil.rmtree, _SESSION_TMP, ignore_errors=True)
