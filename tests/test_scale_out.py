@@ -131,6 +131,18 @@ def _api(url: str, body: dict | None = None) -> dict:
         return json.loads(response.read())
 
 
+def _wait_for_deployment(api: str, name: str, timeout: float) -> dict:
+    import urllib.error
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return _api(f"{api}/deployments/name/{name}")
+        except urllib.error.HTTPError:
+            time.sleep(1)
+    raise AssertionError(f"deployment {name} did not appear in {timeout:.0f} s")
+
+
 def _wait_for_final_state(api: str, run_id: str, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -157,6 +169,16 @@ def test_deployment_on_a_process_work_pool_is_run_by_a_worker_to_completed(workd
         assert deployment["parameters"] == {"params_path": str(workdir / "params.yaml"),
                                             "overrides": ["teacher.train.epochs=1"], "device": "cpu",
                                             "tracking": True, "root": str(workdir)}
+        # `kdprune serve` (the one-box case) passes -S, --device and --no-tracking through as well
+        served = start(["kdprune", "serve", "-S", "student.train.epochs=1", "--device", "cpu", "--no-tracking"],
+                       workdir / "serve.log", env, cwd=workdir)
+        try:
+            scheduled = _wait_for_deployment(api, "kdprune-pipeline/kdprune-scheduled", timeout=180)
+        finally:
+            stop(served)
+        assert scheduled["parameters"] == {"params_path": str(workdir / "params.yaml"), "root": str(workdir),
+                                           "overrides": ["student.train.epochs=1"], "device": "cpu",
+                                           "tracking": False}
         worker = start(["prefect", "worker", "start", "--pool", "kdprune-test", "--type", "process"],
                        workdir / "worker.log", env, cwd=workdir)
         try:
