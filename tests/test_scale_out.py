@@ -229,3 +229,41 @@ def test_pipeline_logs_to_an_mlflow_server_backed_by_postgres(workdir, tiny_raw,
         model = mlflow.pytorch.load_model("models:/kdprune-test@champion")
         assert model(__import__("torch").from_numpy(np.zeros((2, 1, 8, 8), np.float32))).shape == (2, 10)
     assert not (workdir / "mlruns").exists() and not (workdir / "mlartifacts").exists()  # nothing went local
+
+
+DDP_SCRIPT = """
+import sys, torch
+from kdprune import config, distributed
+from kdprune.models import build
+from kdprune.train import Split, fit
+
+device = distributed.setup(torch.device("cpu"))
+g = torch.Generator().manual_seed(0)
+x = torch.randint(0, 256, (96, 1, 8, 8), dtype=torch.uint8, generator=g)
+y = torch.randint(0, 3, (96,), generator=g)
+split = Split(x, y, torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1) * 255)
+torch.manual_seed(distributed.rank())  # different start weights per rank: DDP must broadcast rank 0's
+model = build({"arch": "resnet", "width": 4, "depth": 1, "dropout": 0.0}, 1, 8, 3)
+params = config.TrainParams(epochs=2, batch_size=32, lr=0.05, warmup_epochs=0,
+                            augment={"flip": False, "translate": 0, "cutout": 0})
+model, history = fit(model, split, split, params, stage="ddp")
+torch.save({"state": dict(model.named_parameters()), "losses": [r["train_loss"] for r in history],
+            "train_accuracy": [r["train_accuracy"] for r in history]}, f"{sys.argv[1]}/rank{distributed.rank()}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_ddp_ranks_end_with_identical_weights_and_report_the_same_loss(tmp_path):
+    import torch
+
+    (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(tmp_path / "ddp.py"), str(tmp_path)], env=subprocess_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    # gradients were averaged: both ranks took the same steps (batch-norm running stats are per rank, as in DDP)
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][key]), key
+    assert ranks[0]["losses"] == ranks[1]["losses"]  # the loss is averaged over the ranks
+    assert ranks[0]["train_accuracy"] != ranks[1]["train_accuracy"]  # yet each rank trained on its own shard
