@@ -7,8 +7,8 @@
 trials: the teacher study of the search (digits, tiny models) on a real PostgreSQL, its trials run by 1 or 2
 process workers joining one study (kdprune.search.optimize_worker, the search stage's own worker), 1 and 2
 interleaved; the time counts from the first process start to the last trial's end (process start-up included).
-deploy: tiny params on digits; `kdprune run` (a temporary Prefect server per process) vs `kdprune deploy` on a
-real Prefect server and a `prefect worker start --type process` executing one run, timed from the run's
+deploy: tiny params on digits; `kdprune run` (a temporary Prefect server per process, then against the real
+server) vs `kdprune deploy` on a real Prefect server and a `prefect worker start --type process` executing one run, timed from the run's
 creation to COMPLETED (the worker polls every PREFECT_WORKER_QUERY_SECONDS, set to 2 here), interleaved.
 """
 
@@ -113,6 +113,10 @@ def deploy(args) -> None:
                     subprocess.run(["kdprune", "run"], cwd=root, env=local_env, check=True, capture_output=True)
                     print(f"repeat={repeat} kdprune run (temporary server): {time.perf_counter() - started:.1f} s",
                           flush=True)
+                    started = time.perf_counter()
+                    subprocess.run(["kdprune", "run"], cwd=root, env=server_env, check=True, capture_output=True)
+                    print(f"repeat={repeat} kdprune run (PREFECT_API_URL = the real server): "
+                          f"{time.perf_counter() - started:.1f} s", flush=True)
                     started = time.perf_counter()
                     run = api(f"{a}/deployments/{deployment['id']}/create_flow_run", {})
                     while (state := api(f"{a}/flow_runs/{run['id']}")["state"]["type"]) not in (
