@@ -50,7 +50,8 @@ def tracker_for(args: argparse.Namespace):
     """MLflow unless switched off; a stage run nests under $KDPRUNE_PARENT_RUN_ID when set."""
     from kdprune.tracking import MlflowTracker, NullTracker
 
-    if args.no_tracking or not distributed.is_main() or os.environ.get("KDPRUNE_TRACKING", "").lower() in ("off", "0", "false"):
+    switched_off = args.no_tracking or os.environ.get("KDPRUNE_TRACKING", "").lower() in ("off", "0", "false")
+    if switched_off or not distributed.is_main():  # under torchrun only rank 0 logs
         return NullTracker()
     return MlflowTracker(run_id=os.environ.get("KDPRUNE_PARENT_RUN_ID") or None)
 

@@ -267,3 +267,26 @@ def test_ddp_ranks_end_with_identical_weights_and_report_the_same_loss(tmp_path)
         assert torch.equal(value, ranks[1]["state"][key]), key
     assert ranks[0]["losses"] == ranks[1]["losses"]  # the loss is averaged over the ranks
     assert ranks[0]["train_accuracy"] != ranks[1]["train_accuracy"]  # yet each rank trained on its own shard
+
+
+def test_deploy_without_a_prefect_server_is_one_error_line(workdir, tiny_raw, capfd, monkeypatch):
+    from kdprune.cli import main
+
+    write_params(workdir / "params.yaml", tiny_raw)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert main(["deploy", "--pool", "p"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kdprune: error: deploy needs a Prefect server")
+
+
+def test_deployment_parameters_are_absolute_for_a_local_source_and_repository_paths_for_git(workdir):
+    from flows.deployment import deployment_parameters
+    from kdprune.errors import KdpruneError
+
+    local = deployment_parameters("params.yaml", ["seed=1"], None, True, str(workdir))
+    assert local == {"params_path": str(workdir / "params.yaml"), "overrides": ["seed=1"], "device": None,
+                     "tracking": True, "root": str(workdir)}
+    remote = deployment_parameters("profiles/x.yaml", [], "cuda", False, "https://git.example/team/kdprune.git")
+    assert remote["params_path"] == "profiles/x.yaml" and remote["root"] == "."
+    with pytest.raises(KdpruneError, match="path inside the repository"):
+        deployment_parameters(str(workdir / "params.yaml"), [], None, True, "https://git.example/team/kdprune.git")
