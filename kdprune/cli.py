@@ -47,13 +47,21 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def tracker_for(args: argparse.Namespace):
-    """MLflow unless switched off; a stage run nests under $KDPRUNE_PARENT_RUN_ID when set."""
+    """MLflow unless switched off; a stage run nests under $KDPRUNE_PARENT_RUN_ID when set, else, when DVC runs
+    it (`dvc repro`, `dvc exp run`), under one parent run per DVC invocation / experiment."""
+    from kdprune.lineage import dvc_context, dvc_invocation, run_context
     from kdprune.tracking import MlflowTracker, NullTracker
 
     switched_off = args.no_tracking or os.environ.get("KDPRUNE_TRACKING", "").lower() in ("off", "0", "false")
     if switched_off or not distributed.is_main():  # under torchrun only rank 0 logs
         return NullTracker()
-    return MlflowTracker(run_id=os.environ.get("KDPRUNE_PARENT_RUN_ID") or None)
+    tracker = MlflowTracker(run_id=os.environ.get("KDPRUNE_PARENT_RUN_ID") or None)
+    key = None if tracker.run_id else dvc_invocation()
+    if key:
+        exp = dvc_context().get("kdprune.dvc_exp")
+        context = {k: v for k, v in run_context().items() if k != "kdprune.dvc_stage"}
+        tracker.run_id = tracker.group_run(key, f"dvc exp run {exp}" if exp else "dvc repro", context)
+    return tracker
 
 
 def project_drivers() -> bool:

@@ -109,6 +109,14 @@ class EvaluateParams(Strict):
 class RegisterParams(Strict):
     model_name: str = Field(default="kdprune", min_length=1)
     alias: str = Field(default="champion", min_length=1)
+    # The gate (kdprune/registry.py): the champion is re-scored on the candidate's validation images, and the
+    # candidate must get at least `min_gain` more of them right, with an exact one-sided McNemar p <= max_p_value
+    # (1.0 = no test), at no more than max_macs_ratio x the champion's MACs (and max_latency_ratio x its batch-1
+    # CPU latency when set; latency measured on other machines or days is noisy, so it is off by default).
+    min_gain: int = Field(default=1, ge=1)
+    max_p_value: float = Field(default=0.05, gt=0, le=1)
+    max_macs_ratio: float = Field(default=1.1, gt=0)
+    max_latency_ratio: float | None = Field(default=None, gt=0)
 
 
 class ServeParams(Strict):
@@ -239,9 +247,20 @@ def _one_line(error: ValidationError, source: str) -> str:
     return f"{source}: {where}{message}{shown}"
 
 
+def _unshared(node: Any) -> Any:
+    """A deep copy in which no two places share one object. A YAML anchor (`train: *schedule`) loads as one dict
+    shared by several sections; copy.deepcopy and a YAML round trip both keep that sharing, so an override of one
+    section would change the others too."""
+    if isinstance(node, dict):
+        return {key: _unshared(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_unshared(value) for value in node]
+    return node
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `key.sub=value` overrides (values parsed as YAML), as `dvc exp run -S` does."""
-    raw = yaml.safe_load(yaml.safe_dump(raw)) or {}  # deep copy
+    raw = _unshared(raw)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
 import tarfile
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as TF
 
 from kdprune.config import DataParams
@@ -52,6 +54,20 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+def download(url: str, target: Path, md5: str) -> None:
+    """Download `url` to `target` through a temporary name, renamed only once the md5 matches: a dropped connection
+    leaves nothing behind, so a retry starts clean. Every failure here is a retryable DownloadError."""
+    from torchvision.datasets.utils import download_url
+
+    with atomic_path(target) as tmp:
+        try:
+            download_url(url, str(tmp.parent), tmp.name)
+        except Exception as error:  # noqa: BLE001 - any network failure is reported the same way
+            raise DownloadError(f"{url}: download failed ({(str(error).splitlines() or [type(error).__name__])[0]})") from None
+        if _md5(tmp) != md5:  # e.g. a connection closed early without an error
+            raise DownloadError(f"{url}: checksum mismatch after download (md5 should be {md5})")
+
+
 def load_cifar10_source(cache: Path, md5: str = CIFAR10_MD5, url: str = CIFAR10_URL):
     """CIFAR-10's python archive: downloaded into `cache` once (md5 checked), then read without extracting."""
     archive = cache / Path(url).name
@@ -59,16 +75,7 @@ def load_cifar10_source(cache: Path, md5: str = CIFAR10_MD5, url: str = CIFAR10_
         if _md5(archive) != md5:
             raise KdpruneError(f"{archive}: checksum mismatch (md5 should be {md5}); delete it to download again")
     else:
-        from torchvision.datasets.utils import download_url
-
-        cache.mkdir(parents=True, exist_ok=True)
-        try:
-            download_url(url, str(cache), archive.name, md5)  # writes, then verifies the md5
-        except Exception as error:  # noqa: BLE001 - any network failure is reported the same way
-            raise DownloadError(f"{url}: download failed ({error})") from error
-        if not archive.exists() or _md5(archive) != md5:
-            archive.unlink(missing_ok=True)
-            raise KdpruneError(f"{archive}: checksum mismatch after download (md5 should be {md5})")
+        download(url, archive, md5)
     batches: dict[str, dict] = {}
     for name, read in _tar_members(archive):
         stem = PurePosixPath(name).name
@@ -117,20 +124,39 @@ def _image_files(root: Path) -> Iterator[tuple[str, callable]]:
             yield file.relative_to(root).as_posix(), file.read_bytes
 
 
+def _split_of(parts: tuple[str, ...]) -> int | None:
+    """Index of the `train`/`test` part in a member's path: 0, or 1 under one top-level folder; None if neither."""
+    for start in (0, 1):
+        if len(parts) > start + 1 and parts[start] in ("train", "test"):
+            return start
+    return None
+
+
 def load_imagefolder_source(path: Path):
-    """`train/<class>/*` and `test/<class>/*` from a folder or a .tar / .tar.gz archive (optionally one top folder)."""
+    """`train/<class>/*` and `test/<class>/*` from a folder or a .tar / .tar.gz archive (optionally one top folder).
+
+    Files beside train/ and test/ (a README, a LICENSE) are ignored; a file inside them at any other depth
+    (`train/stray.png`, `train/cat/more/x.png`) is an error naming the first few, never silently skipped."""
     if not path.exists():
         raise KdpruneError(f"{path}: dataset path does not exist")
     members = _tar_members(path) if path.is_file() else _image_files(path)
     files: dict[str, dict[str, list[tuple[str, callable]]]] = {"train": {}, "test": {}}
+    misplaced = []
     for name, read in members:
         parts = PurePosixPath(name).parts
         if any(part.startswith(".") for part in parts):
             continue  # hidden files (.DS_Store, ._foo) are not data
-        for start in (0, 1):  # allow one top-level folder around train/ and test/
-            if len(parts) == start + 3 and parts[start] in files:
-                files[parts[start]].setdefault(parts[start + 1], []).append((f"{path}/{name}" if path.is_file() else str(path / name), read))
-                break
+        start = _split_of(parts)
+        if start is None:
+            continue
+        if len(parts) != start + 3:
+            misplaced.append(name)
+            continue
+        files[parts[start]].setdefault(parts[start + 1], []).append((f"{path}/{name}" if path.is_file() else str(path / name), read))
+    if misplaced:
+        more = f" and {len(misplaced) - 3} more" if len(misplaced) > 3 else ""
+        raise KdpruneError(f"{path}: {len(misplaced)} file(s) not at <split>/<class>/<file>: "
+                           f"{', '.join(misplaced[:3])}{more}; move or delete them")
     for split in ("train", "test"):
         if not files[split]:
             raise KdpruneError(f"{path}: no {split}/<class>/ images found (expected train/<class>/ and test/<class>/)")
@@ -138,7 +164,15 @@ def load_imagefolder_source(path: Path):
     for cls in files["test"]:
         if cls not in files["train"]:
             raise KdpruneError(f"{path}: test class {cls!r} is absent from train/")
-    decoded = {split: [(_decode(where, read), classes.index(cls)) for cls, items in sorted(files[split].items()) for where, read in items] for split in files}
+    listed = {split: [(where, read, classes.index(cls)) for cls, items in sorted(files[split].items()) for where, read in items]
+              for split in files}
+    # Pillow releases the GIL while it decodes, so threads decode on several cores (Pillow is slower per small JPEG
+    # than torchvision's deprecated decoder was). map keeps the order: the first bad file in file order is reported.
+    decoded = {}
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for split, items in listed.items():
+            images = pool.map(lambda item: _decode(item[0], item[1]), items)
+            decoded[split] = [(image, label) for image, (_, _, label) in zip(images, items)]
     images = [img for split in decoded.values() for img, _ in split]
     channels = 3 if any(img.shape[0] == 3 for img in images) else 1
     out = []
@@ -148,25 +182,48 @@ def load_imagefolder_source(path: Path):
     return out[0], out[1], out[2], out[3], classes
 
 
+GREY_MODES = {"1", "L", "LA", "La"}
+
+
+def _to_uint8(image: Image.Image) -> np.ndarray:
+    """A Pillow image in any mode -> uint8 C x H x W, C = 1 for grey modes, else 3. Alpha is dropped (the stored
+    colour, as torchvision's ImageFolder loader does); 16-bit grey (Pillow mode I;16, or I as some readers give it)
+    is scaled to 8 bits, not clipped."""
+    mode = image.mode
+    if mode == "I" or mode.startswith("I;16"):  # 16-bit PNG / TIFF / PGM grey: 0..65535 -> 0..255
+        array = np.asarray(image).astype(np.float64) * (255.0 / 65535.0)
+        return np.clip(np.rint(array), 0, 255).astype(np.uint8)[None]
+    if mode == "F":  # float grey: taken as 0..255, as Pillow's own conversion does
+        return np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255).astype(np.uint8)[None]
+    if mode in GREY_MODES:
+        return np.asarray(image.convert("L"))[None]
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # Pillow's advice for palettes with transparency
+    # palette -> its colours (not the indices), CMYK / YCbCr / LAB -> RGB, RGBA -> RGB
+    return np.asarray(image.convert("RGB")).transpose(2, 0, 1)
+
+
+def decode_image(data: bytes, where: str) -> torch.Tensor:
+    """The bytes of one image file -> uint8 C x H x W (C = 1 or 3); any failure is one error line naming `where`.
+
+    The one decoding path of the project (Pillow with explicit conversions); EXIF orientation is applied."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            array = _to_uint8(ImageOps.exif_transpose(image))
+    except Exception as error:  # noqa: BLE001 - Pillow raises several types for corrupt or unsupported files
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise KdpruneError(f"{where}: unreadable image ({reason})") from None
+    return torch.from_numpy(np.array(array))  # a writable, contiguous copy
+
+
 def _decode(where: str, read) -> torch.Tensor:
     if PurePosixPath(where).suffix.lower() not in IMAGE_SUFFIXES:
         raise KdpruneError(f"{where}: not an image file (expected one of {', '.join(sorted(IMAGE_SUFFIXES))})")
     try:
         data = read()
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
-    except Exception:  # noqa: BLE001 - torchvision raises several types for corrupt files
-        try:  # formats torchvision cannot decode natively (e.g. BMP) go through Pillow
-            from PIL import Image
-
-            with Image.open(io.BytesIO(data)) as pil:
-                pil = pil.convert("RGB" if pil.mode not in ("L", "I", "I;16") else "L")
-                array = np.asarray(pil)
-            image = torch.from_numpy(array.copy()).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)
-        except Exception:  # noqa: BLE001
-            raise KdpruneError(f"{where}: unreadable image") from None
-    if image.shape[0] in (2, 4):  # drop alpha
-        image = image[: image.shape[0] - 1]
-    return image
+    except OSError as error:
+        raise KdpruneError(f"{where}: cannot read ({error.strerror or error})") from None
+    return decode_image(data, where)
 
 
 # ---------------------------------------------------------------------------------------------- prepare

@@ -6,17 +6,34 @@ import torch
 
 
 class Normalized(torch.nn.Module):
-    """The registered model: takes float images in [0, 1] (pixels / 255) and normalises them itself."""
+    """The registered model: takes float images in [0, 1] (pixels / 255) and normalises them itself.
 
-    def __init__(self, model: torch.nn.Module, mean: list[float], std: list[float]):
+    With `tta` its forward also averages the logits of the mirrored images, exactly as the evaluation that measured
+    it did (`kdprune.train.predict_logits`): the registry advertises the accuracy this forward reaches.
+    """
+
+    def __init__(self, model: torch.nn.Module, mean: list[float], std: list[float], tta: bool = False):
         super().__init__()
         self.model = model
+        self.tta = bool(tta)
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x - self.mean) / self.std)
+        x = (x - self.mean) / self.std
+        logits = self.model(x)
+        if self.tta:
+            logits = (logits + self.model(x.flip(-1))) / 2
+        return logits
 
 
-def with_normalization(model: torch.nn.Module, mean: list[float], std: list[float]) -> torch.nn.Module:
-    return Normalized(model, mean, std).eval()
+def with_normalization(model: torch.nn.Module, mean: list[float], std: list[float], tta: bool = False) -> torch.nn.Module:
+    return Normalized(model, mean, std, tta).eval()
+
+
+@torch.no_grad()
+def predict_pixels(model, pixels: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Predicted classes of uint8 images (N, C, H, W) by a served model, which takes pixels / 255."""
+    out = [model(pixels[start:start + batch_size].float().div(255)).argmax(1)
+           for start in range(0, len(pixels), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +16,15 @@ from pathlib import Path
 import torch
 
 from kdprune import data as data_mod, distributed
+from kdprune import registry
 from kdprune.checkpoint import load_model, save_model
 from kdprune.config import Params, RoleParams, TrainParams
 from kdprune.io import read_json, write_json, write_text
+from kdprune.lineage import file_hash, lineage_tags, run_context
 from kdprune.metrics import model_costs
 from kdprune.models import build
 from kdprune.pruning import count_macs_params, prune_to_target
-from kdprune.serving import with_normalization
+from kdprune.serving import predict_pixels, with_normalization
 from kdprune.tracking import NullTracker
 from kdprune.train import Split, evaluate as evaluate_split, fit
 
@@ -58,6 +61,10 @@ class Paths:
     @property
     def registration(self) -> Path:
         return self.root / "reports" / "registration.json"
+
+    @property
+    def onnx(self) -> Path:
+        return self.root / "models" / "pruned.onnx"
 
     @property
     def search_dir(self) -> Path:
@@ -231,43 +238,78 @@ def format_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def promotion_decision(candidate: dict, champion: dict | None) -> tuple[bool, str]:
-    """Whether the candidate takes the alias: only by beating the champion's validation accuracy on the same data."""
-    if champion is None:
-        return True, "no current champion"
-    if champion.get("dataset_id") != candidate["dataset_id"]:
-        return True, (f"champion v{champion['version']} was validated on another dataset "
-                      f"({champion.get('dataset_id')}); accuracies on different data do not compare")
-    theirs = float(champion.get("val_accuracy", "nan"))
-    ours = candidate["val_accuracy"]
-    if ours > theirs:
-        return True, f"validation accuracy {ours:.4f} beats champion v{champion['version']}'s {theirs:.4f}"
-    return False, f"validation accuracy {ours:.4f} does not beat champion v{champion['version']}'s {theirs:.4f}"
+def _served_pruned(params: Params, paths: Paths) -> tuple[torch.nn.Module, dict]:
+    """The pruned model as it is registered: normalising, and with the evaluation's flip TTA when that was on."""
+    model, payload = load_model(paths.model("pruned"))
+    return with_normalization(model, payload["extra"]["mean"], payload["extra"]["std"],
+                              tta=params.prune.finetune.tta), payload
+
+
+def _score_champion(tracker, champion: dict, candidate: dict, val_x: torch.Tensor, val_y: torch.Tensor) -> str | None:
+    """Put the champion's per-image results on the candidate's validation images into `champion['correct']`;
+    return why that is impossible instead (other classes / input shape, or it cannot be loaded)."""
+    champion["classes"] = json.loads(champion["classes"]) if champion.get("classes") else None
+    champion["input_shape"] = json.loads(champion["input_shape"]) if champion.get("input_shape") else None
+    why = registry.incompatibility(candidate, champion)
+    if why:
+        return why
+    try:
+        predicted = predict_pixels(tracker.load_registered(champion["uri"]), val_x)
+    except Exception as error:  # noqa: BLE001 - a foreign, broken or unreachable model: never promote blindly
+        return (f"champion v{champion['version']} could not be scored on this validation split "
+                f"({error.__class__.__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
+                f"alias left on it")
+    if predicted.shape != val_y.shape:
+        return f"champion v{champion['version']} gives outputs of another shape; alias left on it"
+    champion["correct"] = (predicted == val_y).tolist()
+    return None
 
 
 def register(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:
-    """Log the pruned model to the registry; move the alias to it only if it beats the champion on validation."""
-    model, payload = load_model(paths.model("pruned"))
+    """Register the pruned model; move the alias to it only if it beats the champion (kdprune/registry.py).
+
+    Reading the champion, registering and moving the alias happen under the registry lock, so concurrent runs
+    decide one after the other, each against the champion of that moment.
+    """
+    served, payload = _served_pruned(params, paths)
     report = read_json(paths.report_json)
-    candidate = {"val_accuracy": report["models"]["pruned"]["val_accuracy"],
-                 "test_accuracy": report["models"]["pruned"]["test_accuracy"],
-                 "macs": report["models"]["pruned"]["macs"], "dataset_id": report["dataset"]["dataset_id"]}
+    prepared = data_mod.load_prepared(paths.prepared)
+    val_x, val_y = prepared["val_x"], prepared["val_y"]
+    correct = (predict_pixels(served, val_x) == val_y).tolist()
+    pruned_row = report["models"]["pruned"]
+    candidate = {"val_accuracy": round(sum(correct) / len(correct), 4), "test_accuracy": pruned_row["test_accuracy"],
+                 "macs": pruned_row["macs"], "cpu_latency_ms_b1": pruned_row["cpu_latency_ms_b1"],
+                 "dataset_id": prepared["dataset_id"], "tta": params.prune.finetune.tta,
+                 "classes": list(payload["classes"]), "input_shape": list(payload["input_shape"])}
     name, alias = params.registry.model_name, params.registry.alias
-    champion = tracker.champion(name, alias)
-    promote, reason = promotion_decision(candidate, champion)
-    served = with_normalization(model, payload["extra"]["mean"], payload["extra"]["std"])
-    example = data_mod.load_prepared(paths.prepared)["val_x"][:2].float().div(255).numpy()
-    model_uri = tracker.log_model(served, "model", example)
-    version = tracker.register(model_uri, name, candidate) if model_uri else None
-    if version is None:
-        promote, reason = False, "tracking is off: nothing registered"
-    elif promote:
-        tracker.set_alias(name, alias, version)
+    run_ids = {stage: tracker.run_for_output(stage, file_hash(path)) for stage, path in stage_outputs(paths).items()
+               if stage not in ("register", "student") and path.is_file()}
+    run_ids["register"] = tracker.run_id
+    tags = {**{k: (json.dumps(v) if isinstance(v, list) else v) for k, v in candidate.items()},
+            **lineage_tags(params, paths.root, prepared["dataset_id"], run_ids)}
+    model = tracker.log_model(served, "model", val_x[:2].float().div(255).numpy())
+    if paths.onnx.is_file():
+        tracker.log_artifact(paths.onnx)
+    with tracker.registry_lock(name):
+        champion = tracker.champion(name, alias)
+        why_not = _score_champion(tracker, champion, candidate, val_x, val_y) if champion else None
+        if why_not:
+            decision = registry.Decision(False, why_not, {"champion_version": champion["version"]})
+        else:
+            decision = registry.decide({**candidate, "correct": correct}, champion, params.registry)
+        version = tracker.register(model, name, {**tags, "promotion": decision.reason[:5000]}) if model else None
+        promote, reason = decision.promote, decision.reason
+        if version is None:
+            promote, reason = False, "tracking is off: nothing registered"
+        elif promote:
+            tracker.set_alias(name, alias, version)
     result = {"model_name": name, "version": version, "alias": alias, "promoted": promote, "reason": reason,
-              "champion_before": champion.get("version") if champion else None, **candidate}
+              "champion_before": champion["version"] if champion else None, "gate": decision.numbers,
+              **{k: v for k, v in candidate.items() if k not in ("classes", "input_shape")}}
     write_json(paths.registration, result)
-    tracker.log_metrics({"promoted": int(promote)})
-    tracker.set_tags({"promotion": reason})
+    tracker.log_metrics({"promoted": int(promote), **{f"gate.{k}": v for k, v in decision.numbers.items()}})
+    tracker.set_tags({"promotion": reason, "promoted": str(promote).lower(), "registered_version": str(version),
+                      **{f"gate.{k}": v for k, v in decision.numbers.items()}})
     return result
 
 
@@ -293,5 +335,16 @@ def run_stage(name: str, params: Params, paths: Paths, tracker=NullTracker(), de
         from kdprune.errors import KdpruneError
 
         raise KdpruneError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
-    with tracker.run(name, tags={"kdprune.stage": name}) as run:
-        return STAGES[name](params, paths, run, device, **options)
+    with tracker.run(name, tags={"kdprune.stage": name, **run_context(paths.root)}) as run:
+        summary = STAGES[name](params, paths, run, device, **options)
+        output = stage_outputs(paths).get(name)
+        if output is not None and output.is_file():  # how register finds the run that made each input
+            run.set_tags({"kdprune.output_sha256": file_hash(output)})
+        return summary
+
+
+def stage_outputs(paths: Paths) -> dict[str, Path]:
+    """The main output of each stage (the file later stages read)."""
+    return {"prepare": paths.prepared, "search": paths.search_best, "teacher": paths.model("teacher"),
+            "student": paths.model("student"), "distill": paths.model("distilled"), "prune": paths.model("pruned"),
+            "evaluate": paths.report_json, "register": paths.registration}

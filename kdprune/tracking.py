@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
+
 
 def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
     """{'a': {'b': 1}} -> {'a.b': 1}: MLflow params are flat."""
@@ -40,16 +42,23 @@ class NullTracker:
     def log_text(self, text: str, name: str) -> None: ...
     def set_tags(self, tags: dict) -> None: ...
 
-    def log_model(self, model, name: str, input_example) -> str | None:
+    def log_model(self, model, name: str, input_example) -> dict | None:
         return None
 
     def champion(self, model_name: str, alias: str) -> dict | None:
         return None
 
-    def register(self, model_uri: str, model_name: str, tags: dict) -> str | None:
+    @contextmanager
+    def registry_lock(self, model_name: str) -> Iterator[None]:
+        yield
+
+    def register(self, model: dict, model_name: str, tags: dict) -> str | None:
         return None
 
     def set_alias(self, model_name: str, alias: str, version: str) -> None: ...
+
+    def run_for_output(self, stage: str, sha256: str | None) -> str | None:
+        return None
 
 
 def default_tracking_uri() -> str:
@@ -144,8 +153,8 @@ class MlflowTracker:
     def log_text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, text, name)
 
-    def log_model(self, model, name: str, input_example) -> str:
-        """Log a PyTorch model (signature inferred from the example); returns its model URI."""
+    def log_model(self, model, name: str, input_example) -> dict:
+        """Log a PyTorch model (torch.export format; signature inferred from the example): its URI and model id."""
         import torch
 
         with self._mlflow.start_run(run_id=self.run_id):
@@ -154,29 +163,141 @@ class MlflowTracker:
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             )
         self.client.update_run(self.run_id, status="RUNNING")  # start_run's exit marked it finished
-        return info.model_uri
+        return {"uri": info.model_uri, "model_id": info.model_id}
 
+    # ------------------------------------------------------------------------------------ model registry
     def champion(self, model_name: str, alias: str) -> dict | None:
+        """The version holding `alias` (its number, tags and `models:/` URI), or None."""
         from mlflow.exceptions import MlflowException
 
         try:
             version = self.client.get_model_version_by_alias(model_name, alias)
-        except MlflowException:
-            return None
-        return {"version": version.version, **version.tags}
+        except MlflowException as error:
+            if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+                return None
+            raise
+        return {**version.tags, "version": str(version.version), "uri": f"models:/{model_name}/{version.version}"}
 
-    def register(self, model_uri: str, model_name: str, tags: dict) -> str:
+    def load_registered(self, uri: str):
+        """A registered model (`models:/NAME@ALIAS`, `models:/NAME/3`) as a torch module one can `.eval()`."""
+        return eval_safe(self._mlflow.pytorch.load_model(uri, map_location="cpu"))
+
+    @contextmanager
+    def registry_lock(self, model_name: str, timeout_s: float = 600, stale_s: float = 900) -> Iterator[None]:
+        """Hold `NAME.lock` while deciding the alias, so two runs' read-champion .. set-alias never interleave.
+
+        The lock is a registered model: creating one is atomic in every MLflow store (a unique name), over HTTP
+        too. A lock older than `stale_s` (its holder died) is taken over.
+        """
+        import random
+        import socket
+
+        from mlflow.exceptions import MlflowException
+
+        from kdprune.errors import KdpruneError
+
+        lock, deadline = f"{model_name}.lock", time.monotonic() + timeout_s
+        holder = f"{socket.gethostname()} pid {os.getpid()} run {self.run_id}"
+        while True:
+            try:
+                self.client.create_registered_model(lock, tags={"holder": holder},
+                                                    description="held by a kdprune run deciding the alias")
+                break
+            except MlflowException as error:
+                if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+                    continue  # SQL stores: our insert lost to a holder that released before the error was built
+                if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            try:
+                held = self.client.get_registered_model(lock)
+            except MlflowException:
+                continue  # released meanwhile
+            age = time.time() - held.creation_timestamp / 1000
+            if age > stale_s:
+                self._release(lock)
+                continue
+            if time.monotonic() > deadline:
+                raise KdpruneError(f"registry lock {lock!r} held for {age:.0f} s by {held.tags.get('holder', '?')}; "
+                                   f"delete that registered model if its run is dead")
+            time.sleep(0.2 + random.random() * 0.5)
+        try:
+            yield
+        finally:
+            self._release(lock)
+
+    def _release(self, lock: str) -> None:
         from mlflow.exceptions import MlflowException
 
         try:
-            self.client.get_registered_model(model_name)
+            self.client.delete_registered_model(lock)
         except MlflowException:
+            pass  # already gone (taken over as stale)
+
+    def register(self, model: dict, model_name: str, tags: dict) -> str:
+        """A new version of `model_name` for a logged model; the registered model is created if missing."""
+        from mlflow.exceptions import MlflowException
+
+        created = False
+        try:
             self.client.create_registered_model(model_name)
-        # a logged model's URI is models:/<model_id>; a tracking server refuses the version without that id
-        model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else None
-        version = self.client.create_model_version(model_name, model_uri, run_id=self.run_id, model_id=model_id,
-                                                   tags={k: str(v) for k, v in tags.items()})
-        return version.version
+            created = True
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            version = self.client.create_model_version(model_name, model["uri"], run_id=self.run_id,
+                                                       model_id=model["model_id"],
+                                                       tags={k: str(v) for k, v in tags.items()})
+        except BaseException:
+            if created:  # leave no empty registered model behind
+                self.client.delete_registered_model(model_name)
+            raise
+        return str(version.version)
 
     def set_alias(self, model_name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(model_name, alias, version)
+
+    def run_for_output(self, stage: str, sha256: str | None) -> str | None:
+        """The latest `stage` run that wrote a file with this sha256 (tag `kdprune.output_sha256`), or None."""
+        if not sha256:
+            return None
+        found = self.client.search_runs(
+            [self.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+            filter_string=f"tags.`kdprune.stage` = '{stage}' and tags.`kdprune.output_sha256` = '{sha256}'")
+        return found[0].info.run_id if found else None
+
+    # ------------------------------------------------------------------------------ grouping DVC stage runs
+    def group_run(self, key: str, name: str, tags: dict) -> str:
+        """The id of the parent run tagged `kdprune.group=key` (created, already FINISHED, if there is none)."""
+        found = self.client.search_runs([self.experiment_id], filter_string=f"tags.`kdprune.group` = '{key}'",
+                                        max_results=1)
+        if found:
+            return found[0].info.run_id
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={"mlflow.runName": name, "kdprune.group": key, **tags})
+        self.client.set_terminated(run.info.run_id, "FINISHED")  # a container: never left RUNNING
+        return run.info.run_id
+
+
+class ExportedModel(torch.nn.Module):
+    """A model loaded from the registry's torch.export format: callable, and `.eval()` works (a no-op)."""
+
+    def __init__(self, exported):
+        super().__init__()
+        self.exported = exported
+
+    def train(self, mode: bool = True):
+        self.training = mode  # the exported graph's inference behaviour was fixed when it was exported
+        return self
+
+    def forward(self, x):
+        return self.exported(x)
+
+
+def eval_safe(model):
+    """torch.export's modules refuse `.train()`/`.eval()` (NotImplementedError); wrap one so both work."""
+    try:
+        model.eval()
+        return model
+    except NotImplementedError:
+        return ExportedModel(model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pydantic
 import pytest
+import yaml
 
 from conftest import REPO, deep_update, tiny_params_dict, write_params
 from kdprune import config
@@ -14,7 +15,7 @@ from kdprune.models import MODEL_BUILDERS
 def test_shipped_params_yaml_is_valid():
     params = config.load(REPO / "params.yaml")
     assert params.data.source == "digits"
-    # YAML anchors and merge keys resolve: the student trains on the teacher's schedule, fine-tuning overrides it.
+    # the schedule is repeated (no anchors): the student trains on the teacher's schedule
     assert params.student.train == params.teacher.train
     assert params.prune.finetune.batch_size == params.teacher.train.batch_size
     assert 0 < params.prune.target < 1
@@ -47,6 +48,41 @@ def test_overrides_apply_yaml_values(tmp_path, tiny_raw):
     assert params.data.image_size == 16
     # the file itself is untouched
     assert config.load(path).distill.temperature == tiny_raw["distill"]["temperature"]
+
+
+@pytest.mark.parametrize("path", [REPO / "params.yaml", *sorted((REPO / "profiles").glob("*.yaml"))],
+                         ids=lambda p: p.name)
+def test_shipped_params_have_no_anchors_or_merge_keys(path):
+    # `dvc exp run -S` rewrites params.yaml and expands anchors and `<<` merges into copies, which then drift apart
+    events = list(yaml.parse(path.read_text()))
+    assert not [e for e in events if isinstance(e, yaml.AliasEvent) or getattr(e, "anchor", None)]
+    assert "<<" not in [e.value for e in events if isinstance(e, yaml.ScalarEvent)]
+
+
+@pytest.mark.parametrize("path", [REPO / "params.yaml", *sorted((REPO / "profiles").glob("*.yaml"))],
+                         ids=lambda p: p.name)
+def test_dvc_set_param_changes_only_the_key_it_sets(tmp_path, path):
+    # the code behind `dvc exp run -S` (DVC's YAML round trip), on a copy of each shipped params file
+    from dvc.utils.hydra import apply_overrides as dvc_set
+
+    copy = tmp_path / "params.yaml"
+    copy.write_text(path.read_text())
+    dvc_set(copy, ["distill.temperature=2.5"])
+    before, after = path.read_text().splitlines(), copy.read_text().splitlines()
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    assert len(before) == len(after) and len(changed) == 1, changed
+    assert changed[0][1].split("#")[0].split() == ["temperature:", "2.5"]
+    assert config.load(copy).distill.temperature == 2.5
+
+
+def test_override_of_one_section_leaves_an_anchored_twin_alone(tmp_path):
+    # a params file written by hand with an anchor: teacher and student load as one shared dict
+    path = tmp_path / "params.yaml"
+    path.write_text("teacher:\n  train: &schedule {epochs: 8, lr: 0.05}\nstudent:\n  train: *schedule\n")
+    params = config.load(path, ["student.train.epochs=3"])
+    assert params.student.train.epochs == 3
+    assert params.teacher.train.epochs == 8
+    assert config.apply_overrides(yaml.safe_load(path.read_text()), ["student.train.lr=0.1"])["teacher"]["train"]["lr"] == 0.05
 
 
 @pytest.mark.parametrize("override", ["distill.temperature", "=3"])

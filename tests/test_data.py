@@ -355,3 +355,57 @@ def test_max_train_and_max_test_keep_seeded_subsets(digits_prepared):
     assert _as_set(small["test_x"]) <= _as_set(digits_prepared["test_x"])
     again = data.prepare(params, seed=0)
     assert torch.equal(again["train_x"], small["train_x"]) and torch.equal(again["test_x"], small["test_x"])
+
+
+@pytest.fixture
+def flaky_server(tmp_path):
+    """A local HTTP server for one fabricated CIFAR-10 archive; while `state["drop"]` it drops every connection
+    halfway through the body (as a flaky network does)."""
+    import http.server
+    import threading
+
+    archive, _ = make_cifar_archive(tmp_path / "served")
+    payload = archive.read_bytes()
+    state = {"drop": True, "requests": 0}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            state["requests"] += 1
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            if state["drop"]:
+                self.wfile.write(payload[: len(payload) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                return
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/cifar-10-python.tar.gz"
+        yield url, hashlib.md5(payload).hexdigest(), state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_cifar10_download_dropped_then_retried(tmp_path, flaky_server):
+    from kdprune.errors import DownloadError
+
+    url, md5, state = flaky_server
+    cache = tmp_path / "cache"
+    with pytest.raises(DownloadError) as info:
+        data.load_cifar10_source(cache, md5=md5, url=url)
+    assert url in str(info.value) and "\n" not in str(info.value)
+    assert list(cache.iterdir()) == []  # no partial archive: the retry starts clean
+    state["drop"] = False  # the network recovers
+    train_x, *_ = data.load_cifar10_source(cache, md5=md5, url=url)  # what Prefect's retry of prepare does
+    assert tuple(train_x.shape) == (20, 3, 32, 32)
+    assert [p.name for p in cache.iterdir()] == ["cifar-10-python.tar.gz"]

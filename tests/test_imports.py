@@ -16,7 +16,8 @@ STEPS = {
     "kdprune": "import kdprune",
     "stages+cli": "import kdprune.stages, kdprune.cli",
     "core": "import kdprune.config, kdprune.data, kdprune.models, kdprune.train, kdprune.pruning, "
-            "kdprune.checkpoint, kdprune.losses, kdprune.metrics, kdprune.tracking",
+            "kdprune.checkpoint, kdprune.losses, kdprune.metrics, kdprune.tracking, kdprune.registry, "
+            "kdprune.serving, kdprune.lineage",
     "parser": "kdprune.cli.make_parser()",
     # the control: importing a pipeline tool does show up, so the check can fail
     "control": "import mlflow",

@@ -1,4 +1,5 @@
-"""The registry gate with real MLflow (SQLite in tmp): the alias moves only to a better model on the same data."""
+"""The registry gate with real MLflow (SQLite in tmp): the champion is re-scored on the candidate's validation
+images, and the alias moves only on a real, affordable gain; what is registered reproduces what is tagged."""
 
 from __future__ import annotations
 
@@ -6,99 +7,160 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import all_runs, mlflow_uri
-from kdprune.checkpoint import load_model
-from kdprune.io import read_json, write_json
-from kdprune.serving import with_normalization
+from conftest import all_runs, mlflow_uri, tiny_params_dict
+from kdprune import config
+from kdprune.io import read_json
 from kdprune.stages import Paths, run_stage
 from kdprune.tracking import MlflowTracker
+from kdprune.train import Split, evaluate as evaluate_split
 
 pytestmark = pytest.mark.slow
 
 CPU = torch.device("cpu")
 
 
-def _register_with(project, params, val_accuracy: float, dataset_id: str | None = None) -> dict:
-    """Run the real register stage, with the report saying the pruned model scored `val_accuracy`."""
-    paths = Paths(project)
-    report = read_json(paths.report_json)
-    report["models"]["pruned"]["val_accuracy"] = val_accuracy
-    if dataset_id:
-        report["dataset"]["dataset_id"] = dataset_id
-    write_json(paths.report_json, report)
-    return run_stage("register", params, paths, MlflowTracker(), CPU)
+def _register(project, params) -> dict:
+    return run_stage("register", params, Paths(project), MlflowTracker(), CPU)
 
 
-def _champion_version(client, name: str) -> str:
+def _edit_torch_file(path, edit) -> bytes:
+    """Apply `edit` to the dict saved at `path`; return the original bytes (to restore them)."""
+    original = path.read_bytes()
+    payload = torch.load(path, weights_only=True)
+    edit(payload)
+    torch.save(payload, path)
+    return original
+
+
+def _zero_head(payload) -> None:
+    """The classifier's last layer set to zero: every image gets class 0 (about 10 % right)."""
+    *_, weight, bias = payload["state_dict"]
+    payload["state_dict"][weight].zero_()
+    payload["state_dict"][bias].zero_()
+
+
+def _alias(client, name: str) -> str:
     return str(client.get_model_version_by_alias(name, "champion").version)
 
 
-def test_registry_gate_and_champion_loads_back(project, tiny_params):
-    import mlflow
+@pytest.mark.parametrize("tta", [False, True])
+def test_registered_model_reproduces_the_tagged_accuracy(project, tta):
+    params = config.parse(tiny_params_dict(prune={**tiny_params_dict()["prune"],
+                                                  "finetune": {**tiny_params_dict()["prune"]["finetune"], "tta": tta}}))
+    result = _register(project, params)
+    assert result["promoted"] is True and result["reason"] == "no current champion" and result["tta"] is tta
+
     from mlflow.tracking import MlflowClient
 
-    name = tiny_params.registry.model_name
-    client = MlflowClient(mlflow_uri(project))
+    name = params.registry.model_name
+    version = MlflowClient(mlflow_uri(project)).get_model_version(name, result["version"])
+    assert version.tags["tta"] == str(tta)
+    tagged = float(version.tags["val_accuracy"])
 
-    first = _register_with(project, tiny_params, 0.50)
-    assert first["promoted"] is True and str(first["version"]) == "1" and first["champion_before"] is None
-    assert _champion_version(client, name) == "1"
+    # what the evaluation measures: kdprune.train.evaluate with the TTA setting on the pruned model
+    from kdprune.checkpoint import load_model
 
-    worse = _register_with(project, tiny_params, 0.40)
-    assert str(worse["version"]) == "2" and worse["promoted"] is False and str(worse["champion_before"]) == "1"
-    assert _champion_version(client, name) == "1"
-
-    equal = _register_with(project, tiny_params, 0.50)
-    assert str(equal["version"]) == "3" and equal["promoted"] is False
-    assert _champion_version(client, name) == "1"
-
-    better = _register_with(project, tiny_params, 0.90)
-    assert str(better["version"]) == "4" and better["promoted"] is True and str(better["champion_before"]) == "1"
-    assert _champion_version(client, name) == "4"
-
-    # registry tags carry what the gate compares
-    version = client.get_model_version(name, "4")
-    assert float(version.tags["val_accuracy"]) == 0.90
-    assert version.tags["dataset_id"] == read_json(Paths(project).report_json)["dataset"]["dataset_id"]
-    assert read_json(Paths(project).registration) == better
-
-    # every register run finished; none left RUNNING
-    runs = all_runs(mlflow_uri(project))
-    assert sorted((r.info.run_name, r.info.status) for r in runs) == [("register", "FINISHED")] * 4
-
-    # the champion loads back by alias and classifies a batch of several images given as pixels / 255
-    champion = mlflow.pytorch.load_model(f"models:/{name}@champion")
     prepared = torch.load(Paths(project).prepared, weights_only=True)
-    for n in (5, 1, 32):
-        pixels = prepared["test_x"][:n].float() / 255
-        with torch.no_grad():
-            out = champion(pixels)
-        assert out.shape == (n, 10)
-    model, payload = load_model(Paths(project).model("pruned"))
-    local = with_normalization(model, payload["extra"]["mean"], payload["extra"]["std"])
-    pixels = prepared["test_x"].float() / 255
+    model, _ = load_model(Paths(project).model("pruned"))
+    measured = evaluate_split(model, Split.from_prepared(prepared, "val", CPU), tta=tta)["accuracy"]
+    assert tagged == pytest.approx(measured, abs=1e-4)
+
+    # the registered model, loaded back by alias, reproduces it on the same images; .eval() works
+    served = MlflowTracker().load_registered(f"models:/{name}@champion").eval()
     with torch.no_grad():
-        served, expected = champion(pixels), local(pixels)
-    assert torch.allclose(served, expected, atol=1e-4)
-    accuracy = (served.argmax(1) == prepared["test_y"]).float().mean().item()
-    assert accuracy == pytest.approx(read_json(Paths(project).report_json)["models"]["pruned"]["test_accuracy"],
-                                     abs=1e-3)
+        logits = served(prepared["val_x"].float() / 255)
+    assert (logits.argmax(1) == prepared["val_y"]).float().mean().item() == pytest.approx(tagged, abs=1e-4)
+    # the pyfunc flavour (what `mlflow models serve` runs) gives the same logits
+    import mlflow
 
-    # the pyfunc flavour serves a batch too
     pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@champion")
-    predictions = np.asarray(pyfunc.predict(pixels[:7].numpy()))
-    assert predictions.shape == (7, 10)
+    out = np.asarray(pyfunc.predict((prepared["val_x"][:7].float() / 255).numpy()))
+    assert np.allclose(out, logits[:7].numpy(), atol=1e-4)
 
 
-def test_champion_from_other_data_is_replaced(project, tiny_params):
+def test_gate_keeps_the_champion_unless_clearly_beaten(project, tiny_params):
     from mlflow.tracking import MlflowClient
 
-    name = tiny_params.registry.model_name
+    name, paths = tiny_params.registry.model_name, Paths(project)
     client = MlflowClient(mlflow_uri(project))
-    real_id = read_json(Paths(project).report_json)["dataset"]["dataset_id"]
-    _register_with(project, tiny_params, 0.99, dataset_id="another-dataset")
-    result = _register_with(project, tiny_params, 0.10, dataset_id=real_id)
-    assert result["dataset_id"] == real_id
-    # 0.10 < 0.99, but the champion's accuracy was measured on other data: the candidate takes the alias
-    assert result["promoted"] is True and "another dataset" in result["reason"]
-    assert _champion_version(client, name) == str(result["version"])
+
+    first = _register(project, tiny_params)
+    assert first["promoted"] and first["version"] == "1" and _alias(client, name) == "1"
+
+    good = _edit_torch_file(paths.model("pruned"), _zero_head)
+    worse = _register(project, tiny_params)
+    assert worse["version"] == "2" and not worse["promoted"] and worse["champion_before"] == "1"
+    assert worse["gate"]["losses"] > worse["gate"]["wins"] and "not promoted" in worse["reason"]
+    paths.model("pruned").write_bytes(good)
+
+    equal = _register(project, tiny_params)  # the same model again: no gain
+    assert equal["version"] == "3" and not equal["promoted"] and equal["gate"]["gain"] == 0
+    assert _alias(client, name) == "1"
+
+    # a weak champion that carries no val_accuracy tag is scored, not unbeatable
+    client.set_registered_model_alias(name, "champion", "2")
+    client.delete_model_version_tag(name, "2", "val_accuracy")
+    better = _register(project, tiny_params)
+    assert better["promoted"] and better["champion_before"] == "2" and _alias(client, name) == "4"
+    assert better["gate"]["p_value"] <= 0.05 and better["gate"]["gain"] >= 1
+    assert read_json(paths.registration) == better
+
+    # decision and numbers in the run's tags; lineage and gate on the version
+    run = client.get_run(client.get_model_version(name, "4").run_id)
+    assert run.data.tags["promoted"] == "true" and run.data.tags["promotion"] == better["reason"]
+    assert run.data.tags["gate.wins"] == str(better["gate"]["wins"])
+    tags = client.get_model_version(name, "4").tags
+    assert tags["lineage.dataset_id"] == tags["dataset_id"] and len(tags["lineage.params_sha256"]) == 64
+    assert tags["lineage.run.register"] == run.info.run_id and tags["promotion"] == better["reason"]
+    assert {"lineage.git_commit", "lineage.git_dirty", "lineage.kdprune_version", "lineage.torch_version"} <= set(tags)
+
+    # every run finished; the lock is gone
+    assert sorted((r.info.run_name, r.info.status) for r in all_runs(mlflow_uri(project))) == [("register", "FINISHED")] * 4
+    assert [m.name for m in client.search_registered_models()] == [name]
+
+
+def test_champion_from_other_data_is_scored_on_this_data(project, tiny_params):
+    from mlflow.tracking import MlflowClient
+
+    name, paths = tiny_params.registry.model_name, Paths(project)
+    client = MlflowClient(mlflow_uri(project))
+    prepared = _edit_torch_file(paths.prepared, lambda p: p.update(dataset_id="another-dataset"))
+    assert _register(project, tiny_params)["promoted"]
+    paths.prepared.write_bytes(prepared)
+
+    good = _edit_torch_file(paths.model("pruned"), _zero_head)
+    worse = _register(project, tiny_params)  # used to replace any champion from other data, blindly
+    assert not worse["promoted"] and "other data" in worse["reason"] and _alias(client, name) == "1"
+    assert worse["gate"]["images"] == len(torch.load(paths.prepared, weights_only=True)["val_y"])
+    paths.model("pruned").write_bytes(good)
+
+
+def test_champion_with_other_classes_is_not_replaced_blindly(project, tiny_params):
+    from mlflow.tracking import MlflowClient
+
+    name, paths = tiny_params.registry.model_name, Paths(project)
+    client = MlflowClient(mlflow_uri(project))
+    good = _edit_torch_file(paths.model("pruned"), lambda p: p.update(classes=[f"c{i}" for i in range(10)]))
+    assert _register(project, tiny_params)["promoted"]
+    paths.model("pruned").write_bytes(good)
+    result = _register(project, tiny_params)
+    assert not result["promoted"] and "other classes" in result["reason"] and "\n" not in result["reason"]
+    assert _alias(client, name) == "1"
+
+
+def test_lineage_names_the_runs_that_made_the_model(project, tiny_params):
+    from mlflow.tracking import MlflowClient
+
+    Paths(project).onnx.write_bytes(b"an ONNX file from the export stage")  # logged with the version when present
+    tracker = MlflowTracker()
+    with tracker.run("pipeline") as parent:
+        evaluated = run_stage("evaluate", tiny_params, Paths(project), parent, CPU)
+        result = run_stage("register", tiny_params, Paths(project), parent, CPU)
+    assert evaluated and result["promoted"]
+    client = MlflowClient(mlflow_uri(project))
+    runs = {r.info.run_name: r.info.run_id for r in all_runs(mlflow_uri(project))}
+    tags = client.get_model_version(tiny_params.registry.model_name, result["version"]).tags
+    assert tags["lineage.run.evaluate"] == runs["evaluate"] and tags["lineage.run.register"] == runs["register"]
+    assert "lineage.run.teacher" not in tags  # made without tracking: no run to name
+    artifacts = [a.path for a in client.list_artifacts(runs["register"])]
+    assert "pruned.onnx" in artifacts

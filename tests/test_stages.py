@@ -13,7 +13,7 @@ from kdprune import config
 from kdprune.checkpoint import load_model
 from kdprune.errors import KdpruneError
 from kdprune.io import read_json
-from kdprune.stages import MODEL_NAMES, STAGES, Paths, format_table, promotion_decision, run_stage
+from kdprune.stages import MODEL_NAMES, STAGES, Paths, format_table, run_stage
 from kdprune.serving import with_normalization
 from kdprune.tracking import NullTracker
 
@@ -149,30 +149,3 @@ def test_prepare_summary(tmp_path, tiny_params):
     assert summary["train"] + summary["val"] + summary["test"] == 1797
     assert summary["channels"] == 1 and summary["image_size"] == 8
     assert json.loads(json.dumps(summary)) == summary  # JSON-friendly: MLflow and Prefect log it
-
-
-# ---------------------------------------------------------------------------------------- promotion
-CANDIDATE = {"val_accuracy": 0.9, "dataset_id": "abc", "test_accuracy": 0.88, "macs": 100}
-
-
-def test_promote_with_no_champion():
-    promote, reason = promotion_decision(CANDIDATE, None)
-    assert promote and "no current champion" in reason
-
-
-@pytest.mark.parametrize("theirs, expected", [("0.8", True), ("0.89999", True), ("0.9", False), ("0.95", False)])
-def test_promote_only_when_better_on_the_same_data(theirs, expected):
-    champion = {"version": "3", "val_accuracy": theirs, "dataset_id": "abc"}  # registry tags are strings
-    promote, reason = promotion_decision(CANDIDATE, champion)
-    assert promote is expected
-    assert "v3" in reason
-
-
-def test_promote_when_champion_saw_other_data():
-    promote, reason = promotion_decision(CANDIDATE, {"version": "2", "val_accuracy": "0.99", "dataset_id": "zzz"})
-    assert promote and "another dataset" in reason
-
-
-def test_champion_without_accuracy_is_not_beaten():
-    promote, _ = promotion_decision(CANDIDATE, {"version": "1", "dataset_id": "abc"})
-    assert promote is False  # NaN compares false: an unknown score is not overridden silently

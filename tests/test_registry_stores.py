@@ -1,0 +1,145 @@
+"""The registry against a real `mlflow server` over HTTP, and four registrations at once into one store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import VENV_BIN, all_runs, fresh_mlflow_store, subprocess_env
+from kdprune.stages import Paths, run_stage
+from kdprune.tracking import MlflowTracker
+
+pytestmark = pytest.mark.slow
+
+CPU = torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """`mlflow server` on 127.0.0.1 with its own SQLite backend and served-artifact store; stopped afterwards."""
+    port = _free_port()
+    folder = tmp_path / "server"
+    folder.mkdir()
+    log = (folder / "server.log").open("w")
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{folder / 'backend.db'}",
+         "--artifacts-destination", str(folder / "artifacts")],
+        cwd=folder, env=subprocess_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def test_registration_over_http(project, tiny_params, mlflow_server, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    name, paths = tiny_params.registry.model_name, Paths(project)
+    tracker = MlflowTracker()
+    with tracker.run("pipeline") as parent:
+        run_stage("evaluate", tiny_params, paths, parent, CPU)
+        first = run_stage("register", tiny_params, paths, parent, CPU)
+    assert first["promoted"] and first["version"] == "1"
+    with tracker.run("pipeline") as parent:
+        second = run_stage("register", tiny_params, paths, parent, CPU)
+    assert second["version"] == "2" and not second["promoted"] and second["gate"]["gain"] == 0
+
+    client = MlflowClient(mlflow_server)
+    assert sorted(str(v.version) for v in client.search_model_versions(f"name='{name}'")) == ["1", "2"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert [m.name for m in client.search_registered_models()] == [name]  # the lock was released
+    assert all(r.info.status == "FINISHED" for r in all_runs(mlflow_server))
+    tags = client.get_model_version(name, "1").tags
+    assert tags["lineage.run.evaluate"] and tags["lineage.run.register"]
+
+    # the champion comes back over HTTP (served artifacts), and `.eval()` works on what is returned
+    prepared = torch.load(paths.prepared, weights_only=True)
+    champion = tracker.load_registered(f"models:/{name}@champion").eval()
+    with torch.no_grad():
+        right = (champion(prepared["val_x"].float() / 255).argmax(1) == prepared["val_y"]).float().mean().item()
+    assert right == pytest.approx(float(tags["val_accuracy"]), abs=1e-4)
+
+
+def _variant(payload, kind: str) -> None:
+    """A much worse copy of the trained model: constant class 0, constant class 3, or the head negated."""
+    *_, weight, bias = payload["state_dict"]
+    state = payload["state_dict"]
+    if kind == "negated":
+        state[weight].neg_()
+        state[bias].neg_()
+    else:
+        state[weight].zero_()
+        state[bias].zero_()
+        state[bias][3 if kind == "class3" else 0] = 1.0
+
+
+def test_four_concurrent_registrations(trained_project, tmp_path):
+    """Four processes register at once into one SQLite store: every version exists, the alias ends on the best."""
+    from mlflow.tracking import MlflowClient
+
+    store = tmp_path / "store"
+    store.mkdir()
+    uri = fresh_mlflow_store(store)
+    kinds = ["best", "class0", "class3", "negated"]
+    projects = {}
+    for kind in kinds:
+        folder = tmp_path / kind
+        shutil.copytree(trained_project, folder)
+        if kind != "best":
+            path = folder / "models" / "pruned.pt"
+            payload = torch.load(path, weights_only=True)
+            _variant(payload, kind)
+            torch.save(payload, path)
+        projects[kind] = folder
+    env = subprocess_env(MLFLOW_TRACKING_URI=uri)
+    procs = {kind: subprocess.Popen([str(VENV_BIN / "kdprune"), "stage", "register"], cwd=folder, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for kind, folder in projects.items()}
+    outputs = {kind: proc.communicate(timeout=600)[0] for kind, proc in procs.items()}
+    assert all(proc.returncode == 0 for proc in procs.values()), outputs
+
+    import json
+
+    results = {kind: json.loads((folder / "reports" / "registration.json").read_text())
+               for kind, folder in projects.items()}
+    client = MlflowClient(uri)
+    name = results["best"]["model_name"]
+    assert sorted(str(v.version) for v in client.search_model_versions(f"name='{name}'")) == ["1", "2", "3", "4"]
+    assert sorted(r["version"] for r in results.values()) == ["1", "2", "3", "4"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == results["best"]["version"]
+    assert [m.name for m in client.search_registered_models()] == [name]
+    assert all(r.info.status == "FINISHED" for r in all_runs(uri))
