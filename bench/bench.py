@@ -2,8 +2,14 @@
 """Benchmark: the seed's recipe and the project's profile, side by side on the same data, in one invocation.
 
 (a) the seed's recipe: seed_large teacher, seed_small trained alone, seed_small distilled; plain SGD (lr 0.01,
-    momentum 0.9), batch 128, 10 epochs, constant lr, no weight decay, flip + translate (4 px, RandomCrop(32, 4)).
+    momentum 0.9), batch 128, 10 epochs, constant lr, no weight decay, flip + translate (4 px, RandomCrop(32, 4)),
+    inputs normalised with mean 0.5 / std 0.5 as the seed does.
+(a') the same recipe and models through a plain torchvision Dataset + DataLoader with CPU transforms, the way the
+    seed (and most users) write it: the images/s of (a) vs (a') is the speed that the project's data path alone
+    brings (same model, same device, same images).
 (b) the profile (default profiles/cifar10-gpu.yaml): teacher, student alone, distilled, pruned.
+(c) with --train-fraction: instead of (a)-(b), the limited-data sweep: at each fraction of the profile's training
+    subset and for each --seeds, the teacher, the student alone and the student distilled by each --methods.
 
 Both train through the project's own stages (kdprune.stages -> kdprune.train.fit, into a temporary project root
 that is removed afterwards); the data goes through kdprune.data (prepare is timed). Per model: test accuracy,
@@ -19,6 +25,7 @@ before each training run where Linux allows it.
 
     python bench/bench.py --quick            # the CPU check: 5,000 / 1,000 images, profiles/cifar10-cpu-quick.yaml
     python bench/bench.py                    # the full set with profiles/cifar10-gpu.yaml (on the GPU machine)
+    python bench/bench.py --quick --train-fraction 0.1 1 --seeds 0 1 2   # KD methods x data fraction, mean +- std
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ SEED_TRAIN = {
     "schedule": "constant", "warmup_epochs": 0, "label_smoothing": 0.0, "ema": None,
     "augment": {"flip": True, "translate": 4, "cutout": 0}, "tta": False, "compile": False,
 }
+KD_METHODS = ("hinton", "dkd", "fitnets")
 TARGETS = {"teacher_accuracy": 0.918, "teacher_seconds": 10.0, "student_macs_fraction": 1 / 8,
            "distilled_within_points": 3.0, "kd_gain_points": 1.0, "prune_macs_ratio": 2.0, "round_to": 8}
 
@@ -78,7 +86,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              f"{QUICK_SEED_EPOCHS} epochs for the seed's recipe")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "bench.json", help="JSON results")
+    parser.add_argument("--train-fraction", type=float, nargs="+", default=None, metavar="F",
+                        help="run the limited-data sweep instead: these fractions (0 < F <= 1) of the profile's "
+                             "training subset; each trains for as many optimizer steps as the full subset")
+    parser.add_argument("--recipes", nargs="+", choices=("seed", "profile"), default=["seed", "profile"],
+                        help="which of (a)+(a') and (b) to run (default both)")
+    parser.add_argument("--loader-workers", type=int, default=0,
+                        help="DataLoader workers of the seed+DataLoader rows (default 0, as the seed's code)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="sweep: these seeds (each seeds the data subset, the split and the init; default 0 1 2)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="sweep: the teacher's and student's epochs on the full subset (default: the profile's; "
+                             "the warm-up scales with them)")
+    parser.add_argument("--methods", nargs="+", default=list(KD_METHODS), choices=KD_METHODS,
+                        help="sweep: distill.method values to compare")
     args = parser.parse_args(argv)
+    if args.train_fraction and not all(0 < f <= 1 for f in args.train_fraction):
+        parser.error("--train-fraction: each fraction must lie in (0, 1]")
     args.data = (args.data or default_data()).resolve()
     if args.profile is None:
         args.profile = REPO / "profiles" / ("cifar10-cpu-quick.yaml" if args.quick else "cifar10-gpu.yaml")
@@ -210,11 +234,189 @@ def run_recipe(recipe: str, params: config.Params, paths: stages.Paths, names: l
     return rows
 
 
+class SeedDataset(torch.utils.data.Dataset):
+    """Images the way torchvision.datasets.CIFAR10 serves them: uint8 arrays in memory, a PIL image per item, then
+    the CPU transforms. Built from the prepared split, so both data paths see the same images."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform):
+        self.images = x.permute(0, 2, 3, 1).numpy()  # N, H, W, C
+        if self.images.shape[-1] == 1:
+            self.images = self.images[..., 0]
+        self.labels = y.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def fit_with_dataloader(model: torch.nn.Module, prepared: dict, val: Split, epochs: int, device: torch.device,
+                        workers: int) -> tuple[torch.nn.Module, float, int]:
+    """The seed's own training loop (its section 4) over a torchvision DataLoader: the baseline being measured, not a
+    loop of the project. Returns the model, the seconds and the images trained on. Like `fit`, it evaluates the
+    validation split after every epoch, so both rows do the same work."""
+    from torchvision import transforms as T
+
+    c, size = prepared["train_x"].shape[1], prepared["train_x"].shape[2]
+    transform = T.Compose([T.RandomHorizontalFlip(), T.RandomCrop(size, padding=4), T.ToTensor(),
+                           T.Normalize((0.5,) * c, (0.5,) * c)])
+    loader = torch.utils.data.DataLoader(SeedDataset(prepared["train_x"], prepared["train_y"], transform),
+                                         batch_size=SEED_TRAIN["batch_size"], shuffle=True, num_workers=workers)
+    model.to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=SEED_TRAIN["lr"], momentum=SEED_TRAIN["momentum"])
+    criterion = torch.nn.CrossEntropyLoss()
+    sync(device)
+    started = time.perf_counter()
+    for epoch in range(epochs):
+        running_loss = torch.zeros((), device=device)
+        for inputs, labels in loader:
+            inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            optimizer.zero_grad()
+            loss = criterion(model(inputs), labels)
+            loss.backward()
+            optimizer.step()
+            running_loss += loss.detach()
+        val_accuracy = evaluate(model, val)["accuracy"]
+        print(f"seed loop (DataLoader) epoch {epoch + 1}/{epochs}: loss={running_loss.item() / len(loader):.4f} "
+              f"val_accuracy={val_accuracy:.4f}", file=sys.stderr, flush=True)
+    sync(device)
+    return model, time.perf_counter() - started, epochs * len(loader.dataset)
+
+
+def run_dataloader_rows(params: config.Params, paths: stages.Paths, fit_rows: list[dict], device: torch.device,
+                        workers: int) -> list[dict]:
+    """(a'): the seed recipe's teacher and student again, through `fit_with_dataloader`; images/s beside (a)'s."""
+    from kdprune.models import build
+
+    prepared = data_mod.load_prepared(paths.prepared)
+    val, test = (Split.from_prepared(prepared, s, device) for s in ("val", "test"))
+    n = len(prepared["train_y"])
+    batch = min(params.student.train.batch_size, n)
+    train_images = (n // batch) * batch  # fit drops the last partial batch
+    rows = []
+    for fit_row in fit_rows:
+        if fit_row["model"] not in ("teacher", "student"):
+            continue
+        role = getattr(params, fit_row["model"])
+        print(f"[bench] seed recipe through a DataLoader: {fit_row['model']} ...", file=sys.stderr, flush=True)
+        torch.manual_seed(params.seed)
+        model = build(role.model.model_dump(), *prepared["train_x"].shape[1:3], len(prepared["classes"]))
+        model, seconds, images = fit_with_dataloader(model, prepared, val, role.train.epochs, device, workers)
+        fit_row["images_per_second"] = role.train.epochs * train_images / fit_row["train_seconds"]
+        rows.append({**fit_row, "recipe": "seed+DataLoader", "test_accuracy": evaluate(model, test)["accuracy"],
+                     "train_seconds": seconds, "images_per_second": images / seconds, "peak_memory_mb": float("nan"),
+                     "stage_seconds": seconds})
+    return rows
+
+
+# ------------------------------------------------------------------------------------- limited-data sweep
+def sweep_params(profile_raw: dict, seed: int, fraction: float, full_train: int,
+                 epochs: int | None = None) -> config.Params:
+    """The profile at `seed` on `fraction` of its training subset. Every fraction trains for the same number of
+    optimizer steps (the same compute): the epochs (and warm-up) grow by the full subset's steps per epoch over
+    this subset's. Validation is only observed in the sweep, so it shrinks to 100 images to keep the many short
+    epochs of a small fraction cheap."""
+    n = max(1, round(fraction * full_train))
+    raw = config.apply_overrides(profile_raw, [f"seed={seed}", f"data.max_train={n}", "data.val_fraction=0.002"])
+    for role in ("teacher", "student"):
+        train = dict(raw[role]["train"])
+        batch = train.get("batch_size", 128)
+        ratio = (full_train // min(batch, full_train)) / max(1, n // min(batch, n))
+        if epochs is not None:  # --epochs: a shorter (or longer) run of the same recipe
+            train["warmup_epochs"] = train.get("warmup_epochs", 1.0) * epochs / train.get("epochs", 10)
+            train["epochs"] = epochs
+        train["epochs"] = max(1, round(train.get("epochs", 10) * ratio))
+        train["warmup_epochs"] = train.get("warmup_epochs", 1.0) * ratio
+        raw[role]["train"] = train
+    raw.pop("search", None)
+    return config.parse(raw, "sweep")
+
+
+def run_sweep(args: argparse.Namespace, profile_raw: dict, device: torch.device) -> int:
+    """(c): teacher, student alone and each KD method at each data fraction and seed; test accuracy, mean +- std."""
+    base = config.parse(profile_raw, str(args.profile))
+    workdir = Path(tempfile.mkdtemp(prefix="kdprune-sweep-"))
+    log = args.out.with_suffix(".jsonl")  # one line per trained model, written as they finish
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("")
+    rows = []
+    try:
+        full_train = base.data.max_train or stages.prepare(base, stages.Paths(workdir / "count"))["train"]
+        for seed in args.seeds:
+            for fraction in args.train_fraction:
+                params = sweep_params(profile_raw, seed, fraction, full_train, args.epochs)
+                paths = stages.Paths(workdir / f"s{seed}-f{fraction}")
+                described = stages.prepare(params, paths)
+                test = Split.from_prepared(data_mod.load_prepared(paths.prepared), "test", device)
+                runs = [("teacher", stages.teacher, params, "teacher"), ("student", stages.student, params, "student")]
+                runs += [(m, stages.distill, config.parse(config.apply_overrides(params.model_dump(mode="json"),
+                                                                                 [f"distill.method={m}"])), "distilled")
+                         for m in args.methods]
+                for name, stage, p, saved in runs:
+                    print(f"[sweep] seed {seed}, fraction {fraction}: {name} ...", file=sys.stderr, flush=True)
+                    summary = stage(p, paths, device=device)
+                    model, _ = load_model(paths.model(saved))
+                    role = "teacher" if name == "teacher" else "student"
+                    row = {"seed": seed, "fraction": fraction, "train_images": described["train"], "model": name,
+                           "epochs": getattr(p, role).train.epochs,
+                           "test_accuracy": evaluate(model.to(device), test, tta=getattr(p, role).train.tta)["accuracy"],
+                           "val_accuracy": summary["val_accuracy"], "train_seconds": summary["train_seconds"]}
+                    rows.append(row)
+                    with log.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    table = sweep_table(rows, ["teacher", "student", *args.methods])
+    print()
+    print(f"limited-data sweep on {device}, profile {args.profile}, seeds {', '.join(map(str, args.seeds))}; "
+          f"test accuracy mean +- std over seeds (gain: paired difference to the student alone)")
+    print(table)
+    args.out.write_text(json.dumps({"profile": str(args.profile), "device": str(device), "rows": rows,
+                                    "table": table}, indent=2) + "\n")
+    print(f"results: {args.out} (per model: {log})")
+    return 0
+
+
+def _mean_std(values: list[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.2f} +- {100 * spread:.2f}"
+
+
+def sweep_table(rows: list[dict], models: list[str]) -> str:
+    """Markdown: one row per (fraction, model): accuracy and, for KD methods, the gain over the student alone."""
+    lines = ["| fraction | train images | model | test acc % | gain vs student (points) | n |", "|---:|---:|---|---:|---:|---:|"]
+    for fraction in sorted({r["fraction"] for r in rows}):
+        at = [r for r in rows if r["fraction"] == fraction]
+        student = {r["seed"]: r["test_accuracy"] for r in at if r["model"] == "student"}
+        for model in models:
+            mine = [r for r in at if r["model"] == model]
+            if not mine:
+                continue
+            gains = [r["test_accuracy"] - student[r["seed"]] for r in mine if r["seed"] in student]
+            gain = _mean_std(gains) if model not in ("teacher", "student") and gains else ""
+            lines.append(f"| {fraction:g} | {mine[0]['train_images']:,} | {model} | "
+                         f"{_mean_std([r['test_accuracy'] for r in mine])} | {gain} | {len(mine)} |")
+    return "\n".join(lines)
+
+
 def summarise(rows: list[dict], params: config.Params, quick: bool) -> tuple[dict, list[str]]:
     get = {(r["recipe"], r["model"]): r for r in rows}
+    summary, lines = {}, []
+    for model in ("teacher", "student"):
+        if ("seed+DataLoader", model) in get:
+            ours, theirs = get[("seed", model)]["images_per_second"], get[("seed+DataLoader", model)]["images_per_second"]
+            summary[f"data_path_speedup_{model}"] = ours / theirs
+            lines.append(f"seed {model} ({get[('seed', model)]['arch']}), project data path vs torchvision DataLoader: "
+                         f"{ours:,.0f} vs {theirs:,.0f} images/s = {ours / theirs:.2f}x")
+    if ("profile", "teacher") not in get:  # --recipes seed
+        return summary, lines
     teacher, student = get[("profile", "teacher")], get[("profile", "student")]
     distilled, pruned = get[("profile", "distilled")], get[("profile", "pruned")]
-    summary = {
+    summary |= {
         "pruned_latency_speedup": distilled["latency_ms_b512"] / pruned["latency_ms_b512"],
         "pruned_macs_ratio": distilled["macs"] / pruned["macs"],
         "student_macs_fraction": distilled["macs"] / teacher["macs"],
@@ -234,7 +436,7 @@ def summarise(rows: list[dict], params: config.Params, quick: bool) -> tuple[dic
         "pruned (round_to 8) >= 2x fewer MACs": (summary["pruned_macs_ratio"] >= TARGETS["prune_macs_ratio"]
                                                  and params.prune.round_to == TARGETS["round_to"]),
     }
-    lines = [
+    lines += [
         f"pruned vs distilled: {summary['pruned_latency_speedup']:.2f}x faster at batch {LATENCY_BATCH}, "
         f"{summary['pruned_macs_ratio']:.2f}x fewer MACs",
         f"student / teacher MACs: 1/{1 / summary['student_macs_fraction']:.1f}; KD gain "
@@ -253,10 +455,11 @@ def summarise(rows: list[dict], params: config.Params, quick: bool) -> tuple[dic
 def format_table(rows: list[dict], device: torch.device) -> str:
     where = "GPU" if device.type == "cuda" else "CPU"
     mem = "peak GPU MB" if device.type == "cuda" else "peak RSS MB"
-    head = ["recipe", "model", "arch", "epochs", "test acc", "train s", "MACs", "params",
+    head = ["recipe", "model", "arch", "epochs", "test acc", "train s", "img/s", "MACs", "params",
             f"{where} ms @{LATENCY_BATCH}", mem]
     body = [[r["recipe"], r["model"], r["arch"], str(r["epochs"]), f"{r['test_accuracy']:.2%}",
-             f"{r['train_seconds']:.2f}", f"{r['macs']:,}", f"{r['params']:,}", f"{r['latency_ms_b512']:.2f}",
+             f"{r['train_seconds']:.2f}", f"{r['images_per_second']:,.0f}" if "images_per_second" in r else "",
+             f"{r['macs']:,}", f"{r['params']:,}", f"{r['latency_ms_b512']:.2f}",
              f"{r['peak_memory_mb']:,.0f}"] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     fmt = lambda cells: "| " + " | ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"  # noqa: E731
@@ -272,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {args.data}: not found (pass --data)", file=sys.stderr)
         return 2
     profile_raw, params = load_profile(args.profile, args.data)
+    if args.train_fraction:
+        return run_sweep(args, profile_raw, device)
     seed_params = seed_recipe(profile_raw, args.quick)
     timer = TimedFit(stages.fit, device)
     stages.fit = timer  # the stages call kdprune.train.fit through this name
@@ -283,9 +488,17 @@ def main(argv: list[str] | None = None) -> int:
         described = stages.prepare(params, profile_paths)
         prepare_seconds = time.perf_counter() - t0
         seed_paths.prepared.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(profile_paths.prepared, seed_paths.prepared)  # the same data, byte for byte
-        rows = run_recipe("seed", seed_params, seed_paths, ["teacher", "student", "distilled"], timer, device)
-        rows += run_recipe("profile", params, profile_paths, ["teacher", "student", "distilled", "pruned"], timer, device)
+        seed_prepared = data_mod.load_prepared(profile_paths.prepared)  # the same images, normalised as the seed:
+        seed_prepared["mean"] = torch.full_like(seed_prepared["mean"], 0.5)  # Normalize((0.5,) * 3, (0.5,) * 3)
+        seed_prepared["std"] = torch.full_like(seed_prepared["std"], 0.5)
+        data_mod.save_prepared(seed_prepared, seed_paths.prepared)
+        rows = []
+        if "seed" in args.recipes:
+            rows += run_recipe("seed", seed_params, seed_paths, ["teacher", "student", "distilled"], timer, device)
+            rows += run_dataloader_rows(seed_params, seed_paths, rows, device, args.loader_workers)
+        if "profile" in args.recipes:
+            rows += run_recipe("profile", params, profile_paths, ["teacher", "student", "distilled", "pruned"], timer,
+                               device)
     finally:
         stages.fit = timer.fit
         shutil.rmtree(workdir, ignore_errors=True)

@@ -89,9 +89,28 @@ class RoleParams(Strict):
     train: TrainParams = TrainParams()
 
 
+class DKDParams(Strict):
+    """Decoupled KD (Zhao et al., CVPR 2022): loss = CE + ramp * T^2 * (alpha * TCKD + beta * NCKD)."""
+
+    alpha: float = Field(default=1.0, ge=0)  # weight of the target-class term (TCKD)
+    beta: float = Field(default=8.0, ge=0)  # weight of the non-target-class term (NCKD); the paper: 8 on CIFAR-100
+    warmup_epochs: float = Field(default=1.0, ge=0)  # DKD's weight ramps linearly from 0 over these epochs
+
+
+class HintParams(Strict):
+    """FitNets (Romero et al., ICLR 2015): loss = Hinton's KD loss + weight * MSE(adapter(student stage), teacher stage)."""
+
+    # Which feature map of each network: an index into the model's stages (model.stages), negative from the deepest.
+    stage: int = -1
+    weight: float = Field(default=1.0, ge=0)  # of the hint term
+
+
 class DistillParams(Strict):
-    temperature: float = Field(default=4.0, gt=0)
-    alpha: float = Field(default=0.9, ge=0, le=1)  # weight of the KD term; 1 - alpha weighs the label loss
+    method: Literal["hinton", "dkd", "fitnets"] = "hinton"
+    temperature: float = Field(default=4.0, gt=0)  # of every method's softmaxes
+    alpha: float = Field(default=0.9, ge=0, le=1)  # hinton, fitnets: weight of the KD term; 1 - alpha weighs the labels
+    dkd: DKDParams = DKDParams()  # method dkd only
+    hint: HintParams = HintParams()  # method fitnets only
 
 
 class PruneParams(Strict):

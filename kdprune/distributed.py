@@ -77,3 +77,13 @@ def mean(value: torch.Tensor) -> torch.Tensor:
     value = value.clone()
     dist.all_reduce(value)
     return value / world_size()
+
+
+def average_gradients(module: nn.Module) -> None:
+    """All-reduce the gradients of parameters DDP does not own (the distiller's adapters), as DDP does its own."""
+    if world_size() == 1:
+        return
+    for parameter in module.parameters():
+        if parameter.grad is not None:
+            dist.all_reduce(parameter.grad)
+            parameter.grad /= world_size()

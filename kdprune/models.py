@@ -1,6 +1,10 @@
 """Model builders, kept in a plain dict: build(spec, channels, size, classes) adapts each to the dataset.
 
-- seed_large / seed_small: the seed project's two CNNs, fixed minimally (see `SeedCNN`), kept as a baseline.
+- seed_large / seed_small: the seed document's LargeModel and SmallModel, layer for layer, with the minimal fixes
+  that let them run (see `SeedLarge`, `SeedSmall`); the baseline of bench/bench.py. Width and depth do not apply.
+
+Every model names its stages (`model.stages`: module names whose outputs are its feature maps, shallow to deep,
+the last one the map its head pools): feature distillation hooks them (kdprune/distill.py).
 - resnet: a residual CNN for small images, sized by `width` (first-stage channels) and `depth` (blocks per stage).
 - fastnet: an airbench-style VGG-like net (conv, pool, BN, GELU), built for fast GPU training on 32x32 images.
 - airbench: fastnet with airbench's initialisation and normalisation: a frozen 2x2 patch-whitening first layer,
@@ -16,29 +20,81 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class SeedCNN(nn.Module):
-    """The seed's conv-pool-conv-pool-fc-fc network.
+def _pool_plan(size: int, pools: int) -> tuple[list[bool], int]:
+    """Which of `pools` 2x2 max-pools fit an image of `size` (each halves the side while it is >= 2); the side left."""
+    plan = []
+    for _ in range(pools):
+        plan.append(size >= 2)
+        size = size // 2 if size >= 2 else size
+    return plan, size
 
-    Fixed from the seed as printed: the missing `torch.nn.functional` import, pooling sized for the input
-    (two 2x2 pools instead of a fixed window that did not fit 32x32), and fc1's input width computed from the
-    image size instead of hard-coded. Its "knowledge transfer" (loading the teacher's state dict into the smaller
-    net) is replaced by real distillation in the pipeline.
+
+class SeedLarge(nn.Module):
+    """The seed's LargeModel, layer for layer: conv 3->64->128->256->512->1024 (3x3, padding 1, ReLU), a 2x2 max-pool
+    after each of the first four, then fc 1024->1024->512->classes (ReLU between). 7.85 M parameters at 3x32x32.
+
+    Minimal fixes, each needed for the printed code to run: `torch.nn.functional` is imported; the seed's
+    `avg_pool2d(8, 8)` cannot run on the 2x2 map that four pools leave of a 32x32 image, so a global average pool
+    stands in (fc1's 1024 inputs are conv5's 1024 channels, the evident intent); pools that no longer fit a small
+    image are skipped; the input channels and class count come from the data. `dropout` (default 0, which the
+    seed has) applies before the last layer.
     """
 
-    def __init__(self, channels: int, size: int, classes: int, conv: tuple[int, int], hidden: int, dropout: float):
+    def __init__(self, channels: int, size: int, classes: int, dropout: float = 0.0):
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(channels, conv[0], 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(conv[0], conv[1], 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        )
-        side = size // 4
-        self.fc1 = nn.Linear(conv[1] * side * side, hidden)
+        self.conv1 = nn.Conv2d(channels, 64, 3, padding=1)
+        self.conv2 = nn.Conv2d(64, 128, 3, padding=1)
+        self.conv3 = nn.Conv2d(128, 256, 3, padding=1)
+        self.conv4 = nn.Conv2d(256, 512, 3, padding=1)
+        self.conv5 = nn.Conv2d(512, 1024, 3, padding=1)
+        self.fc1 = nn.Linear(1024, 1024)
+        self.fc2 = nn.Linear(1024, 512)
+        self.fc3 = nn.Linear(512, classes)
         self.dropout = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(hidden, classes)
+        self.pools, _ = _pool_plan(size, 4)
+        self.stages = ("conv1", "conv2", "conv3", "conv4", "conv5")  # feature maps for feature distillation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x).flatten(1)
-        return self.fc2(self.dropout(torch.relu(self.fc1(x))))
+        for conv, pool in zip((self.conv1, self.conv2, self.conv3, self.conv4), self.pools):
+            x = F.relu(conv(x))
+            if pool:
+                x = F.max_pool2d(x, 2, 2)
+        x = F.relu(self.conv5(x))
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)  # seed: avg_pool2d(8, 8), which a 2x2 map cannot take
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(self.dropout(x))
+
+
+class SeedSmall(nn.Module):
+    """The seed's SmallModel, layer for layer: conv 3->32->64->128 (3x3, padding 1, ReLU), a 2x2 max-pool after each
+    of the first two, then fc 128->128->classes. 111 k parameters at 3x32x32.
+
+    Minimal fixes: `torch.nn.functional` is imported; the seed flattens conv3's 128x8x8 map straight into fc1,
+    which takes 128 inputs, so a global average pool comes first (the layer widths' evident intent); pools that do
+    not fit a small image are skipped; channels and classes come from the data; `dropout` (default 0) applies
+    before the last layer.
+    """
+
+    def __init__(self, channels: int, size: int, classes: int, dropout: float = 0.0):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.conv3 = nn.Conv2d(64, 128, 3, padding=1)
+        self.fc1 = nn.Linear(128, 128)
+        self.fc2 = nn.Linear(128, classes)
+        self.dropout = nn.Dropout(dropout)
+        self.pools, _ = _pool_plan(size, 2)
+        self.stages = ("conv1", "conv2", "conv3")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv, pool in zip((self.conv1, self.conv2), self.pools):
+            x = F.relu(conv(x))
+            if pool:
+                x = F.max_pool2d(x, 2, 2)
+        x = F.relu(self.conv3(x))
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)  # seed: flatten(128x8x8) into a 128-input layer, which fails
+        return self.fc2(self.dropout(F.relu(self.fc1(x))))
 
 
 class BasicBlock(nn.Module):
@@ -71,6 +127,7 @@ class ResNet(nn.Module):
                 blocks.append(BasicBlock(cin, width * mult, stride if i == 0 else 1))
                 cin = width * mult
         self.blocks = nn.Sequential(*blocks)
+        self.stages = ("stem", *(f"blocks.{(stage + 1) * depth - 1}" for stage in range(3)))
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(cin, classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,6 +222,7 @@ class FastNet(nn.Module):
         else:
             layers = _conv_bn(channels, width // 2 if width > 1 else 1)
             cin, side = layers[0].out_channels, size
+        ends = [len(layers) - 1]  # the stem's activation, then each group's last one
         for mult in (1, 4, 4):
             cout = width * mult
             layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False)]
@@ -174,8 +232,10 @@ class FastNet(nn.Module):
             layers += [norm(cout), nn.GELU()]
             for _ in range(depth):
                 layers += _conv_bn(cout, cout, norm)
+            ends.append(len(layers) - 1)
             cin = cout
         self.features = nn.Sequential(*layers)
+        self.stages = tuple(f"features.{i}" for i in ends)
         self.head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(cin, classes, bias=False))
         if airbench:
             self.head.append(Scale(1 / 9))
@@ -190,8 +250,8 @@ class FastNet(nn.Module):
 Builder = Callable[[int, int, int, int, int, float], nn.Module]
 
 MODEL_BUILDERS: dict[str, Builder] = {
-    "seed_large": lambda c, s, k, w, d, p: SeedCNN(c, s, k, conv=(64, 128), hidden=512, dropout=p),
-    "seed_small": lambda c, s, k, w, d, p: SeedCNN(c, s, k, conv=(16, 32), hidden=128, dropout=p),
+    "seed_large": lambda c, s, k, w, d, p: SeedLarge(c, s, k, dropout=p),
+    "seed_small": lambda c, s, k, w, d, p: SeedSmall(c, s, k, dropout=p),
     "resnet": ResNet,
     "fastnet": FastNet,
     "airbench": lambda c, s, k, w, d, p: FastNet(c, s, k, w, d, p, airbench=True),

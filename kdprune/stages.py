@@ -171,7 +171,7 @@ def student(params: Params, paths: Paths, tracker=NullTracker(), device: torch.d
 
 
 def distill(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:
-    """Train the student from the teacher with Hinton's KD loss."""
+    """Train the student from the teacher with the KD loss of `distill.method`."""
     teacher_model, _ = load_model(paths.model("teacher"))
     return _role_stage("distilled", "student", params, paths, tracker, device or resolve_device(), teacher=teacher_model)
 

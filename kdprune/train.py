@@ -2,7 +2,8 @@
 
 Data stays on the device as uint8 for the whole run (airbench's loader): each step gathers a batch by index,
 normalises it and augments it with batch tensor ops. On CUDA the loop adds channels_last and bf16 autocast; the
-same code runs on the CPU. With a teacher it distils (Hinton's KD loss); without one it trains on the labels.
+same code runs on the CPU. With a teacher it distils (`distill.method`, see kdprune/distiller.py); without one it
+trains on the labels.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from kdprune import distributed
 from kdprune.augment import augment
 from kdprune.config import DistillParams, TrainParams
 from kdprune.errors import TrainingDiverged
-from kdprune.losses import hinton_kd_loss
+from kdprune.distiller import Distiller
 from kdprune.optim import build_optimizer, schedule_scale
 
 
@@ -109,20 +110,23 @@ def fit(
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True  # steady shapes: let cuDNN pick its fastest kernels once
-    if teacher is not None:
-        teacher.to(device).eval().requires_grad_(False)
-    optimizer = build_optimizer(model, params)
+    # under torchrun: this rank's shard of the train split and its share of the batch (no-ops otherwise)
+    train = Split(*distributed.shard(train.x, train.y), train.mean, train.std)
+    batch_size = min(distributed.local_batch(params.batch_size), len(train))
+    steps_per_epoch = max(1, len(train) // batch_size)  # drop the last partial batch: steady shapes
     ema = None
     if params.ema is not None:
         ema = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(params.ema), use_buffers=True
         )
-    # under torchrun: this rank's shard, its share of the batch, gradients averaged by DDP (no-ops otherwise)
-    train = Split(*distributed.shard(train.x, train.y), train.mean, train.std)
-    step_model = distributed.wrap(model)
+    distiller = None  # after the EMA copy, which must not copy the distiller's hooks
+    if teacher is not None:
+        distiller = Distiller(teacher.to(device), model, distill or DistillParams(), train.inputs(slice(0, 2)),
+                              steps_per_epoch)
+    # the distiller's adapters (if any) learn with the student, under the same optimizer and schedule
+    optimizer = build_optimizer(model if distiller is None else nn.ModuleList([model, distiller.trainable]), params)
+    step_model = distributed.wrap(model)  # under torchrun: DDP averages the gradients (no-op otherwise)
     step_model = torch.compile(step_model) if params.compile else step_model
-    batch_size = min(distributed.local_batch(params.batch_size), len(train))
-    steps_per_epoch = max(1, len(train) // batch_size)  # drop the last partial batch: steady shapes
     total_steps = steps_per_epoch * params.epochs
     warmup_steps = int(params.warmup_epochs * steps_per_epoch)
     history: list[dict] = []
@@ -148,15 +152,14 @@ def fit(
                 group["lr"] = group["base_lr"] * scale
             with _autocast(device):
                 logits = step_model(x)
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(x)
-                    loss = hinton_kd_loss(logits, teacher_logits, y, distill.temperature, distill.alpha,
-                                          params.label_smoothing)
+                if distiller is not None:
+                    loss = distiller.loss(logits, x, y, step, params.label_smoothing)
                 else:
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=params.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if distiller is not None:  # adapters live outside the DDP model: average their gradients here
+                distributed.average_gradients(distiller.trainable)
             optimizer.step()
             if ema is not None:
                 ema.update_parameters(model)
@@ -188,5 +191,7 @@ def fit(
             on_epoch(row)
     if bar is not None:
         bar.close()
+    if distiller is not None:
+        distiller.close()  # the model leaves without hooks (after an error they only keep the last features)
     final = ema.module if ema is not None else model
     return final.to(memory_format=torch.contiguous_format), history

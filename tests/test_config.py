@@ -141,6 +141,10 @@ BAD = {
     "imagefolder without path": ({"data": {"source": "imagefolder", "path": None}}, ["data.path"]),
     "warmup longer than training": ({"teacher": {"train": {"warmup_epochs": 5}}}, ["teacher", "warmup_epochs"]),
     "section is not a mapping": ({"distill": 3}, ["distill"]),
+    "unknown distill method": ({"distill": {"method": "crd"}}, ["distill.method", "'crd'", "hinton", "dkd", "fitnets"]),
+    "negative dkd beta": ({"distill": {"dkd": {"beta": -1}}}, ["distill.dkd.beta", "greater than or equal to 0"]),
+    "misspelled hint key": ({"distill": {"hint": {"layer": 2}}}, ["unknown key 'distill.hint.layer'"]),
+    "hint stage not an integer": ({"distill": {"hint": {"stage": "last"}}}, ["distill.hint.stage", "'last'"]),
 }
 
 

@@ -1,4 +1,4 @@
-"""Hinton et al.'s KD loss: alpha * T^2 * KL(teacher || student) + (1 - alpha) * CE."""
+"""Distillation losses against hand-written references: Hinton's KD, DKD (decoupled KD), FitNets' hint loss."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdprune.losses import hinton_kd_loss
+from kdprune.losses import dkd_loss, hint_loss, hinton_kd_loss
 
 
 @pytest.fixture
@@ -97,3 +97,79 @@ def test_bf16_logits_give_float32_loss(batch):
     student, teacher, labels = batch
     loss = hinton_kd_loss(student.bfloat16(), teacher.bfloat16(), labels, temperature=4.0, alpha=0.5)
     assert loss.dtype == torch.float32 and math.isfinite(loss.item())
+
+
+# ---------------------------------------------------------------------------------------------------- DKD
+def _dkd_by_hand(student, teacher, labels, t, alpha, beta):
+    """Zhao et al. (2022), written out per sample from softmaxes, as their reference code computes it."""
+    total = 0.0
+    for zs, zt, y in zip(student, teacher, labels):
+        ps, pt = torch.softmax(zs / t, 0), torch.softmax(zt / t, 0)
+        bs, bt = torch.stack([ps[y], 1 - ps[y]]), torch.stack([pt[y], 1 - pt[y]])
+        tckd = (bt * (bt / bs).log()).sum()
+        others = [c for c in range(len(zs)) if c != y]
+        qs, qt = torch.softmax(zs[others] / t, 0), torch.softmax(zt[others] / t, 0)
+        nckd = (qt * (qt / qs).log()).sum()
+        total = total + t * t * (alpha * tckd + beta * nckd)
+    return total / len(labels)
+
+
+@pytest.mark.parametrize("t, alpha, beta", [(1.0, 1.0, 8.0), (4.0, 1.0, 8.0), (2.0, 0.5, 2.0), (3.0, 0.0, 1.0)])
+def test_dkd_matches_hand_written_reference(batch, t, alpha, beta):
+    student, teacher, labels = batch
+    loss = dkd_loss(student, teacher, labels, temperature=t, alpha=alpha, beta=beta)
+    assert torch.allclose(loss, _dkd_by_hand(student, teacher, labels, t, alpha, beta), atol=1e-5)
+
+
+def test_dkd_reformulates_the_kl(batch):
+    """The paper's eq. (5): KL = TCKD + (1 - p_y^t) * NCKD, per sample; so alpha = 1 and beta = 1 - p_y^t give KD."""
+    student, teacher, labels = batch
+    t = 2.0
+    for i in range(len(labels)):
+        s, te, y = student[i:i + 1], teacher[i:i + 1], labels[i:i + 1]
+        tckd = dkd_loss(s, te, y, temperature=t, alpha=1.0, beta=0.0)
+        nckd = dkd_loss(s, te, y, temperature=t, alpha=0.0, beta=1.0)
+        p_target = torch.softmax(te / t, 1)[0, y]
+        kd = t * t * _kl_by_hand(s, te, t)
+        assert torch.allclose(tckd + (1 - p_target) * nckd, kd, atol=1e-5)
+
+
+def test_dkd_weights_each_part(batch):
+    student, teacher, labels = batch
+    tckd = dkd_loss(student, teacher, labels, temperature=4.0, alpha=1.0, beta=0.0)
+    nckd = dkd_loss(student, teacher, labels, temperature=4.0, alpha=0.0, beta=1.0)
+    assert tckd > 0 and nckd > 0
+    both = dkd_loss(student, teacher, labels, temperature=4.0, alpha=0.5, beta=3.0)
+    assert torch.allclose(both, 0.5 * tckd + 3.0 * nckd, atol=1e-6)
+    assert dkd_loss(student, student.clone(), labels, temperature=4.0, alpha=1.0, beta=8.0).abs() < 1e-6
+
+
+def test_dkd_gradient_is_finite_and_spares_the_teacher(batch):
+    student, teacher, labels = batch
+    student = student.clone().requires_grad_(True)
+    teacher = teacher.clone().requires_grad_(True)
+    dkd_loss(student * 30, teacher * 30, labels, temperature=1.0, alpha=1.0, beta=8.0).backward()  # peaked softmaxes
+    assert teacher.grad is None
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+
+
+def test_dkd_bf16_logits_give_float32_loss(batch):
+    student, teacher, labels = batch
+    loss = dkd_loss(student.bfloat16(), teacher.bfloat16(), labels, temperature=4.0, alpha=1.0, beta=8.0)
+    assert loss.dtype == torch.float32 and math.isfinite(loss.item())
+
+
+# --------------------------------------------------------------------------------------------- FitNets hint
+def test_hint_loss_is_the_mean_squared_difference():
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    by_hand = sum((a - b) ** 2 for a, b in zip(s.flatten().tolist(), t.flatten().tolist())) / s.numel()
+    assert hint_loss(s, t).item() == pytest.approx(by_hand, rel=1e-5)
+    assert hint_loss(t, t).item() == 0.0
+
+
+def test_hint_loss_spares_the_teacher():
+    s = torch.randn(2, 3, 4, 4, requires_grad=True)
+    t = torch.randn(2, 3, 4, 4, requires_grad=True)
+    hint_loss(s, t).backward()
+    assert t.grad is None and s.grad.abs().sum() > 0

@@ -86,3 +86,68 @@ def test_resize_to_state_dict_leaves_matching_layers_alone():
     layers_before = dict(model.named_modules())
     resize_to_state_dict(model, build(spec("resnet"), 1, 8, 3).state_dict())
     assert all(layers_before[name] is module for name, module in model.named_modules())
+
+
+# ------------------------------------------------------------------------------------- the seed's own models
+SEED_LAYERS = {
+    # the seed document's section 4, layer for layer: (module, weight shape)
+    "seed_large": [("conv1", (64, 3, 3, 3)), ("conv2", (128, 64, 3, 3)), ("conv3", (256, 128, 3, 3)),
+                   ("conv4", (512, 256, 3, 3)), ("conv5", (1024, 512, 3, 3)),
+                   ("fc1", (1024, 1024)), ("fc2", (512, 1024)), ("fc3", (10, 512))],
+    "seed_small": [("conv1", (32, 3, 3, 3)), ("conv2", (64, 32, 3, 3)), ("conv3", (128, 64, 3, 3)),
+                   ("fc1", (128, 128)), ("fc2", (10, 128))],
+}
+
+
+@pytest.mark.parametrize("arch, n_params", [("seed_large", 7_850_122), ("seed_small", 111_050)])
+def test_seed_models_are_the_seeds_layer_lists(arch, n_params):
+    model = build(spec(arch), 3, 32, 10)
+    layers = [(name, tuple(m.weight.shape)) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert layers == SEED_LAYERS[arch]
+    assert all(m.bias is not None for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert sum(p.numel() for p in model.parameters()) == n_params  # 7.85 M / 111 k
+    assert model.pools == [True] * (4 if arch == "seed_large" else 2)  # 2x2 max-pool after the first 4 / 2 convs
+
+
+@pytest.mark.parametrize("arch", ["seed_large", "seed_small"])
+@pytest.mark.parametrize("channels, size, classes", [(1, 28, 10), (3, 64, 100), (1, 5, 3), (3, 1, 2)])
+def test_seed_models_adapt_to_other_data(arch, channels, size, classes):
+    model = build(spec(arch), channels, size, classes).eval()
+    assert model.conv1.in_channels == channels
+    assert (model.fc3 if arch == "seed_large" else model.fc2).out_features == classes
+    with torch.no_grad():
+        assert model(torch.randn(2, channels, size, size)).shape == (2, classes)
+
+
+def test_seed_models_skip_the_pools_a_small_image_cannot_take():
+    assert build(spec("seed_large"), 1, 4, 2).pools == [True, True, False, False]  # 4 -> 2 -> 1
+    assert build(spec("seed_large"), 1, 64, 2).pools == [True] * 4
+
+
+def test_seed_knowledge_transfer_cannot_work():
+    """The seed's "knowledge transfer" loads the large model's state dict into the small one: different keys and
+    shapes, so it fails, strict or not; distillation (a loss between the outputs) replaces it."""
+    large, small = build(spec("seed_large"), 3, 32, 10), build(spec("seed_small"), 3, 32, 10)
+    with pytest.raises(RuntimeError, match="size mismatch for conv1.weight"):
+        small.load_state_dict(large.state_dict())
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        small.load_state_dict(large.state_dict())
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        small.load_state_dict(large.state_dict(), strict=False)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_model_names_its_stages_shallow_to_deep(arch):
+    """`model.stages` name 4-D feature maps, shallow to deep; the last is the map the head pools."""
+    model = build(spec(arch), 3, 32, 10).eval()
+    maps = {}
+    hooks = [model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: maps.__setitem__(name, o))
+             for name in model.stages]
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    for hook in hooks:
+        hook.remove()
+    assert len(model.stages) >= 3 and list(maps) == list(model.stages)
+    sides = [maps[name].shape[-1] for name in model.stages]
+    assert all(maps[name].ndim == 4 for name in model.stages)
+    assert sides == sorted(sides, reverse=True)

@@ -149,3 +149,19 @@ def test_prepare_summary(tmp_path, tiny_params):
     assert summary["train"] + summary["val"] + summary["test"] == 1797
     assert summary["channels"] == 1 and summary["image_size"] == 8
     assert json.loads(json.dumps(summary)) == summary  # JSON-friendly: MLflow and Prefect log it
+
+
+@pytest.mark.parametrize("method", ["dkd", "fitnets"])
+def test_distill_and_prune_stages_with_each_method(project, method):
+    """distill.method reaches both KD stages; FitNets' adapter and hooks stay out of the saved models."""
+    params = config.parse(tiny_params_dict(distill={"method": method, "temperature": 4.0, "alpha": 0.9}))
+    saved = {}
+    for stage, name in (("distill", "distilled"), ("prune", "pruned")):
+        before = Paths(project).model(name).read_bytes()
+        summary = run_stage(stage, params, Paths(project), NullTracker(), CPU)
+        assert 0.0 <= summary["val_accuracy"] <= 1.0
+        assert Paths(project).model(name).read_bytes() != before
+        saved[name], _ = load_model(Paths(project).model(name))
+    for model in saved.values():
+        assert not any(m._forward_hooks for m in model.modules())
+        assert not any("adapter" in key for key in model.state_dict())
