@@ -18,9 +18,9 @@ table and as JSON (default bench/results/bench.json).
 
 Training seconds are fit() alone, with the device synchronised before and after. On CUDA, or with
 torch.compile on, each fit first runs an untimed one-epoch warm-up on a two-batch slice (cuDNN autotuning,
-compilation), so the timed run measures training. Latency: median of `evaluate.latency_repeats` forward passes
-of 512 images in eval mode; on CUDA under bf16 autocast with channels_last (as the models train); on the CPU in
-fp32, and the fastest pass rather than the median (a shared CPU makes the others slower, not the model). Peak memory: torch.cuda.max_memory_allocated on CUDA; on the CPU the process's peak RSS (getrusage), reset
+compilation), so the timed run measures training. Latency: kdprune.metrics' estimator, median of
+`evaluate.latency_repeats` forward passes of 512 images in eval mode after warm-up; on CUDA under bf16 autocast
+with channels_last (as the models train); on the CPU in fp32. Peak memory: torch.cuda.max_memory_allocated on CUDA; on the CPU the process's peak RSS (getrusage), reset
 before each training run where Linux allows it.
 
     python bench/bench.py --quick            # the CPU check: 5,000 / 1,000 images, profiles/cifar10-cpu-quick.yaml
@@ -41,7 +41,6 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +52,7 @@ import yaml  # noqa: E402
 from kdprune import config, stages  # noqa: E402
 from kdprune import data as data_mod  # noqa: E402
 from kdprune.checkpoint import load_model  # noqa: E402
+from kdprune.metrics import compare_latency  # noqa: E402
 from kdprune.pruning import count_macs_params  # noqa: E402
 from kdprune.train import Split, evaluate  # noqa: E402
 
@@ -179,24 +179,9 @@ class TimedFit:
 
 
 def latency_ms(model: torch.nn.Module, input_shape: tuple[int, ...], device: torch.device, repeats: int) -> float:
-    """Milliseconds of one forward pass of LATENCY_BATCH images: median on CUDA (bf16, channels_last), min on the CPU."""
-    model = model.eval().to(device)
-    x = torch.randn(LATENCY_BATCH, *input_shape, device=device)
-    cuda = device.type == "cuda"
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-    times, warmup = [], 3 if cuda else 1
-    with torch.inference_mode(), autocast:
-        for i in range(warmup + repeats):
-            sync(device)
-            started = time.perf_counter()
-            model(x)
-            sync(device)
-            if i >= warmup:
-                times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times) if cuda else min(times)  # CPU: min, robust to other jobs on shared cores
+    """Milliseconds of one forward pass of LATENCY_BATCH images: kdprune.metrics' estimator (warm-up, median wall
+    time; on CUDA bf16 and channels_last), with torch's thread setting as it is."""
+    return compare_latency({"model": model}, input_shape, LATENCY_BATCH, repeats, device, threads=None)["ms"]["model"]
 
 
 # ---------------------------------------------------------------------------------------------- running

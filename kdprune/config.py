@@ -113,16 +113,44 @@ class DistillParams(Strict):
     hint: HintParams = HintParams()  # method fitnets only
 
 
+class SparsityParams(Strict):
+    """Learned sparsity (method: sparse): KD training with a group-sparsity penalty before channels are removed."""
+
+    reg: float = Field(default=1e-3, gt=0)  # lambda: weight of the group-norm penalty added to the gradients
+    alpha: float = Field(default=4.0, ge=1)  # the weakest group's penalty is alpha times the strongest one's
+    epochs: int = Field(default=5, ge=1)  # of penalised KD training (the finetune schedule otherwise)
+
+
 class PruneParams(Strict):
     target: float = Field(default=0.5, gt=0, lt=1)  # fraction of the student's MACs to remove
-    steps: int = Field(default=5, ge=1)  # prune in this many rounds
-    round_to: int = Field(default=1, ge=1)  # keep channel counts multiples of this (8 suits GPUs)
+    # Fraction of the distilled student's *measured* latency (on `runtime`, batch `latency_batch`) to remove;
+    # when set it drives the search instead of `target`.
+    latency_target: float | None = Field(default=None, gt=0, lt=1)
+    tolerance: float = Field(default=0.05, gt=0, lt=1)  # the reduction reached may exceed the target by this much
+    runtime: Literal["torch-cpu", "cuda"] = "torch-cpu"  # where latency is measured (the deployment runtime)
+    latency_batch: int = Field(default=256, ge=1)
+    latency_threads: int = Field(default=1, ge=1)  # intra-op threads while measuring (CPU)
+    latency_repeats: int = Field(default=10, ge=1)
+    method: Literal["magnitude", "sparse"] = "magnitude"  # how channels are ranked (see kdprune/pruning.py)
+    sparsity: SparsityParams = SparsityParams()
+    steps: int = Field(default=1, ge=1)  # prune in this many rounds; 1 = one-shot
+    round_epochs: int = Field(default=1, ge=1)  # KD fine-tune epochs between rounds (steps > 1)
+    round_to: int | None = Field(default=None, ge=1)  # channel multiple; None = by runtime (CPU 1, CUDA 8)
+    sensitivity: list[float] = [0.25, 0.5, 0.75]  # targets of the accuracy-vs-target plot (empty = no plot)
+    sensitivity_epochs: int = Field(default=0, ge=0)  # KD fine-tune epochs per plot point; 0 = right after pruning
     finetune: TrainParams = TrainParams(epochs=5)
+
+    @model_validator(mode="after")
+    def _targets_in_range(self) -> PruneParams:
+        if any(not 0 < t < 1 for t in self.sensitivity):
+            raise ValueError(f"prune.sensitivity: targets must lie inside (0, 1) (got {self.sensitivity})")
+        return self
 
 
 class EvaluateParams(Strict):
     latency_batch: int = Field(default=256, ge=1)  # the larger batch of the two latency figures
     latency_repeats: int = Field(default=20, ge=1)
+    latency_threads: int = Field(default=1, ge=1)  # intra-op threads while measuring (recorded in the report)
 
 
 class RegisterParams(Strict):

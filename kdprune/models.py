@@ -179,6 +179,8 @@ class PatchWhiten(nn.Module):
     @torch.no_grad()
     def whiten_from(self, x: torch.Tensor) -> None:
         k = self.conv.kernel_size[0]
+        if self.conv.out_channels != 2 * x.shape[1] * k * k:  # pruned: which eigenvectors were kept is not known
+            raise ValueError("PatchWhiten: the whitening must be set (one training batch) before its channels are pruned")
         with torch.autocast(x.device.type, enabled=False):
             patches = x.float().unfold(2, k, 1).unfold(3, k, 1)  # n, c, h', w', k, k
             patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * k * k)

@@ -6,9 +6,11 @@ outputs under `paths` (atomically) and returns a small summary dict.
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +22,13 @@ from kdprune import registry
 from kdprune.checkpoint import load_model, save_model
 from kdprune.config import Params, RoleParams, TrainParams
 from kdprune.io import read_json, write_json, write_text
+from kdprune.errors import KdpruneError
 from kdprune.lineage import file_hash, lineage_tags, run_context
-from kdprune.metrics import model_costs
+from kdprune.metrics import compare_latency, latency_cost, layer_channels, model_costs, pruner_clock
 from kdprune.models import build
-from kdprune.pruning import count_macs_params, prune_to_target
+from kdprune.plots import sensitivity_plot
+from kdprune.pruning import (SparsityPenalty, count_macs_params, default_round_to, macs_cost, prune_in_rounds,
+                             search_within)
 from kdprune.serving import predict_pixels, with_normalization
 from kdprune.tracking import NullTracker
 from kdprune.train import Split, evaluate as evaluate_split, fit
@@ -49,6 +54,10 @@ class Paths:
 
     def curve(self, name: str) -> Path:
         return self.root / "plots" / f"{name}.csv"
+
+    @property
+    def sensitivity_plot(self) -> Path:
+        return self.root / "plots" / "sensitivity.png"
 
     @property
     def report_json(self) -> Path:
@@ -176,23 +185,108 @@ def distill(params: Params, paths: Paths, tracker=NullTracker(), device: torch.d
     return _role_stage("distilled", "student", params, paths, tracker, device or resolve_device(), teacher=teacher_model)
 
 
+def _runtime_device(runtime: str) -> torch.device:
+    if runtime == "cuda" and not torch.cuda.is_available():
+        raise KdpruneError("prune.runtime: cuda, but this machine has no CUDA device")
+    return torch.device("cuda" if runtime == "cuda" else "cpu")
+
+
 def prune(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:
-    """Remove the distilled student's channels to the MACs target, then fine-tune it with KD from the teacher."""
+    """Remove the distilled student's channels to the MACs or latency target, then fine-tune it with KD.
+
+    With `method: sparse` the student first trains (KD) under a group-sparsity penalty; with `steps` > 1 it is
+    pruned in rounds with short KD fine-tunes between them. Also writes the accuracy-vs-target plot.
+    """
     device = device or resolve_device()
     params = effective_params(params, paths)
+    p = params.prune
+    runtime = _runtime_device(p.runtime)
+    round_to = p.round_to or default_round_to(p.runtime)
     splits = _splits(paths, device)
-    model, payload = load_model(paths.model("distilled"))
+    _, train, val = splits
+    distilled, payload = load_model(paths.model("distilled"))
     teacher_model, _ = load_model(paths.model("teacher"))
-    example = torch.zeros(1, *payload["input_shape"])
-    macs_before, params_before = count_macs_params(model, example)
-    model = prune_to_target(model, example, params.prune.target, params.prune.round_to)
+    input_shape = tuple(payload["input_shape"])
+    example = torch.zeros(1, *input_shape)
+    distilled.eval()
+    tracker.log_params({"prune": p.model_dump(exclude={"finetune"}), "prune.round_to_used": round_to})
+
+    def kd(model: torch.nn.Module, epochs: int, stage: str, after_backward=None) -> torch.nn.Module:
+        schedule = p.finetune.model_copy(update={"epochs": epochs, "warmup_epochs": min(p.finetune.warmup_epochs, epochs)})
+        model, _ = fit(model, train, val, schedule, stage=stage, seed=params.seed, teacher=teacher_model,
+                       distill=params.distill, after_backward=after_backward)
+        return model.cpu().eval()
+
+    ranked = copy.deepcopy(distilled)  # the model whose channels are ranked: distilled, or sparse-trained
+    if p.method == "sparse":
+        penalty = SparsityPenalty(ranked, example, p.sparsity.reg, p.sparsity.alpha)
+        ranked = kd(ranked, p.sparsity.epochs, "prune (sparse training)", after_backward=penalty)
+    if p.latency_target is not None:
+        unit, target, what = "latency", p.latency_target, "prune.latency_target"
+        cost = latency_cost(distilled, input_shape, p.latency_batch, p.latency_repeats, runtime, p.latency_threads)
+    else:
+        unit, target, what = "MACs", p.target, "prune.target"
+        cost = macs_cost(example, distilled)
+    global_ranking = p.method == "sparse"
+    model, rounds = prune_in_rounds(ranked, example, cost, target, p.steps, round_to, global_ranking, p.tolerance,
+                                    between=lambda m, i: kd(m, p.round_epochs, f"prune round {i}/{p.steps}"),
+                                    what=what)
+    achieved = 1 - rounds[-1]["cost"]
+    if achieved > target + p.tolerance:
+        print(f"prune: {unit} reduction {achieved:.1%} exceeds the target {target:.0%} by more than the tolerance "
+              f"({p.tolerance:.0%}): the channel steps of these layers are too coarse", file=sys.stderr)
+    before_finetune = evaluate_split(model.to(device), val)["accuracy"]
+    model.cpu()
+
+    macs_before, params_before = count_macs_params(distilled, example)
     macs_after, _ = count_macs_params(model, example)
-    before_finetune = evaluate_split(model.to(device), splits[2])["accuracy"]
-    tracker.log_params({"prune": params.prune.model_dump(exclude={"finetune"})})
-    extra = {"macs_before": macs_before, "params_before": params_before,
-             "macs_reduction": round(1 - macs_after / macs_before, 4), "val_accuracy_before_finetune": before_finetune}
-    return _train_and_save("pruned", model, payload["spec"], params.prune.finetune, params, paths, tracker, device,
-                           teacher=teacher_model, extra=extra, splits=splits)
+    clock = pruner_clock(runtime, p.latency_threads)
+    latency = {"latency_clock": clock}
+    for batch in (1, p.latency_batch):
+        measured = compare_latency({"distilled": distilled, "pruned": model}, input_shape, batch, p.latency_repeats,
+                                   runtime, p.latency_threads)[clock]
+        latency[f"latency_reduction_b{batch}"] = round(1 - measured["pruned"] / measured["distilled"], 4)
+    distilled.cpu(), model.cpu()
+    channels_after = layer_channels(model)
+    extra = {
+        "method": p.method, "steps": p.steps, "rounds": rounds, "round_to": round_to, "runtime": p.runtime,
+        "target_unit": unit, "target": target, "tolerance": p.tolerance,
+        "macs_before": macs_before, "params_before": params_before,
+        "macs_target": p.target if p.latency_target is None else None,
+        "macs_reduction": round(1 - macs_after / macs_before, 4),
+        "latency_target": p.latency_target, "latency_batch": p.latency_batch, **latency,
+        "channels": {name: [n, channels_after[name]] for name, n in layer_channels(distilled).items()},
+        "val_accuracy_before_finetune": before_finetune,
+    }
+    summary = _train_and_save("pruned", model, payload["spec"], p.finetune, params, paths, tracker, device,
+                              teacher=teacher_model, extra=extra, splits=splits)
+    summary["sensitivity"] = _sensitivity(ranked, example, cost, p, round_to, global_ranking, unit, kd, val, device,
+                                          distilled_accuracy=evaluate_split(distilled.to(device), val)["accuracy"],
+                                          chosen={"target": target, "val_accuracy": summary["val_accuracy"]},
+                                          path=paths.sensitivity_plot)
+    write_json(paths.stage_metrics("pruned"), summary)
+    tracker.log_artifact(paths.sensitivity_plot)
+    return summary
+
+
+def _sensitivity(ranked, example, cost, p, round_to, global_ranking, unit, kd, val, device, distilled_accuracy,
+                 chosen, path) -> list[dict]:
+    """Validation accuracy of the model pruned (one-shot) to each of `p.sensitivity`'s targets, plotted."""
+    label = (f"after a {p.sensitivity_epochs}-epoch KD fine-tune" if p.sensitivity_epochs else "right after pruning")
+    rows = []
+    for target in p.sensitivity:
+        try:
+            found = search_within(ranked, example, cost, 1 - target, round_to, global_ranking, p.tolerance,
+                                  "prune.sensitivity")
+        except KdpruneError as error:  # a point past what pruning can reach is left off the curve, and said so
+            print(f"prune: sensitivity point {target:.0%} left out: {error}", file=sys.stderr)
+            continue
+        model = kd(found.model, p.sensitivity_epochs, f"sensitivity {target:.0%}") if p.sensitivity_epochs else found.model
+        rows.append({"target": target, "achieved": round(1 - found.cost, 4), "label": label,
+                     "val_accuracy": evaluate_split(model.to(device), val)["accuracy"]})
+    sensitivity_plot(rows, path, unit, distilled_accuracy,
+                     {**chosen, "label": f"chosen, after the {p.finetune.epochs}-epoch fine-tune"})
+    return [{k: v for k, v in r.items() if k != "label"} for r in rows]
 
 
 def evaluate(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:
@@ -202,39 +296,96 @@ def evaluate(params: Params, paths: Paths, tracker=NullTracker(), device: torch.
     splits = {s: Split.from_prepared(prepared, s, device) for s in ("val", "test")}
     tta = {"teacher": params.teacher.train.tta, "student": params.student.train.tta,
            "distilled": params.student.train.tta, "pruned": params.prune.finetune.tta}
-    rows = {}
+    rows, models = {}, {}
     for name in MODEL_NAMES:
         model, payload = load_model(paths.model(name))
         model.to(device)
+        input_shape = tuple(payload["input_shape"])
         rows[name] = {
             "test_accuracy": round(evaluate_split(model, splits["test"], tta=tta[name])["accuracy"], 4),
             "val_accuracy": round(evaluate_split(model, splits["val"], tta=tta[name])["accuracy"], 4),
-            **model_costs(model, tuple(payload["input_shape"]), paths.model(name),
-                          params.evaluate.latency_batch, params.evaluate.latency_repeats),
+            **model_costs(model, input_shape, paths.model(name)),
         }
-    report = {"dataset": data_mod.describe(prepared), "models": rows}
+        models[name] = model.cpu()
+    # all four models measured side by side (interleaved), so their latencies compare
+    e = params.evaluate
+    for suffix, batch in (("b1", 1), ("batch", e.latency_batch)):
+        measured = compare_latency(models, input_shape, batch, e.latency_repeats, threads=e.latency_threads)
+        for name in models:
+            rows[name][f"cpu_latency_ms_{suffix}"] = round(measured["ms"][name], 3)  # wall
+            rows[name][f"cpu_time_ms_{suffix}"] = round(measured["cpu_ms"][name], 3)  # process CPU time
+    clock = "cpu_time_ms" if pruner_clock(torch.device("cpu"), e.latency_threads) == "cpu_ms" else "cpu_latency_ms"
+    for row in rows.values():
+        row.update(latency_batch=e.latency_batch, latency_threads=measured["threads"], latency_statistic=measured["statistic"])
+    report = {"dataset": data_mod.describe(prepared), "models": rows,
+              "pruning": pruning_summary(models["distilled"], models["pruned"], rows, params.prune, clock)}
     write_json(paths.report_json, report)
     table = format_table(report)
     write_text(paths.report_md, table)
     tracker.log_metrics({f"{name}.{k}": v for name, row in rows.items() for k, v in row.items()})
+    tracker.log_metrics({f"pruning.{k}": v for k, v in report["pruning"].items()})
     tracker.log_text(table, "table.md")
     return report
 
 
+def pruning_summary(distilled: torch.nn.Module, pruned: torch.nn.Module, rows: dict, prune_params,
+                    clock: str = "cpu_latency_ms") -> dict:
+    """Requested vs achieved reduction, measured speed-up, speed-up efficiency (speed-up / MACs ratio) and the
+    channels of every layer before and after pruning. Latencies from `clock`: wall ("cpu_latency_ms") or process
+    CPU time ("cpu_time_ms", the steadier one with one thread on a shared CPU)."""
+    d, q = rows["distilled"], rows["pruned"]
+    macs_ratio = d["macs"] / q["macs"]
+    out = {"requested_macs_reduction": None if prune_params.latency_target is not None else prune_params.target,
+           "requested_latency_reduction": prune_params.latency_target, "latency_clock": clock,
+           "achieved_macs_reduction": round(1 - q["macs"] / d["macs"], 4), "macs_ratio": round(macs_ratio, 3)}
+    for suffix in ("b1", "batch"):
+        key = f"{clock}_{suffix}"
+        speedup = d[key] / q[key]
+        out[f"achieved_latency_reduction_{suffix}"] = round(1 - q[key] / d[key], 4)
+        out[f"speedup_{suffix}"] = round(speedup, 3)
+        out[f"speedup_efficiency_{suffix}"] = round(speedup / macs_ratio, 3)
+    after = layer_channels(pruned)
+    out["channels"] = {name: [n, after[name]] for name, n in layer_channels(distilled).items()}
+    return out
+
+
 def format_table(report: dict) -> str:
-    """The report as a Markdown table, one row per model."""
+    """The report as Markdown: one row per model, then what pruning requested and achieved, layer by layer."""
     rows = report["models"]
-    batch = next(iter(rows.values()))["latency_batch"]
+    first = next(iter(rows.values()))
+    batch = first["latency_batch"]
     lines = [
         f"Dataset: {report['dataset']['source']} ({report['dataset']['train']} train / {report['dataset']['val']} val / "
         f"{report['dataset']['test']} test, {report['dataset']['classes']} classes, id {report['dataset']['dataset_id']})",
         "",
-        f"| model | test acc | val acc | params | MACs | size (KB) | CPU ms (batch 1) | CPU ms (batch {batch}) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| model | test acc | val acc | params | MACs | size (KB) | CPU ms (batch 1) | CPU ms (batch {batch}) |"
+        f"{' CPU-time ms (batch 1) | CPU-time ms (batch ' + str(batch) + ') |' if 'cpu_time_ms_b1' in first else ''}",
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if "cpu_time_ms_b1" in first else ""),
     ]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['test_accuracy']:.2%} | {r['val_accuracy']:.2%} | {r['params']:,} | {r['macs']:,} | "
-                     f"{r['size_kb']:,} | {r['cpu_latency_ms_b1']:.3f} | {r['cpu_latency_ms_batch']:.2f} |")
+                     f"{r['size_kb']:,} | {r['cpu_latency_ms_b1']:.3f} | {r['cpu_latency_ms_batch']:.2f} |"
+                     + (f" {r['cpu_time_ms_b1']:.3f} | {r['cpu_time_ms_batch']:.2f} |" if "cpu_time_ms_b1" in r else ""))
+    if "latency_threads" in first:
+        lines += ["", f"CPU ms: wall time; CPU-time ms: the process's CPU time (with one thread on a shared CPU, the "
+                      f"better estimate of an idle core). Both: {first['latency_statistic']} of interleaved repeats "
+                      f"across the models, {first['latency_threads']} thread(s), after warm-up."]
+    pruning = report.get("pruning")
+    if pruning:
+        def pct(v):
+            return "-" if v is None else f"{v:.1%}"
+
+        clock = "CPU time" if pruning.get("latency_clock") == "cpu_time_ms" else "wall time"
+        lines += ["", f"| pruned vs distilled (latency: {clock}) | requested | achieved |", "|---|---:|---:|",
+                  f"| MACs reduction | {pct(pruning['requested_macs_reduction'])} | {pct(pruning['achieved_macs_reduction'])} |",
+                  f"| latency reduction (batch {batch}) | {pct(pruning['requested_latency_reduction'])} | "
+                  f"{pct(pruning['achieved_latency_reduction_batch'])} |",
+                  f"| latency reduction (batch 1) | | {pct(pruning['achieved_latency_reduction_b1'])} |",
+                  f"| speed-up (batch {batch} / batch 1) | | {pruning['speedup_batch']:.2f}x / {pruning['speedup_b1']:.2f}x |",
+                  f"| speed-up efficiency = speed-up / MACs ratio ({pruning['macs_ratio']:.2f}x) | | "
+                  f"{pruning['speedup_efficiency_batch']:.2f} / {pruning['speedup_efficiency_b1']:.2f} |",
+                  "", "| layer | channels before | after |", "|---|---:|---:|"]
+        lines += [f"| {name} | {a} | {b} |" for name, (a, b) in pruning["channels"].items()]
     return "\n".join(lines) + "\n"
 
 

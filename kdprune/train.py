@@ -98,11 +98,14 @@ def fit(
     teacher: nn.Module | None = None,
     distill: DistillParams | None = None,
     on_epoch: EpochCallback | None = None,
+    after_backward: Callable[[nn.Module], None] | None = None,
 ) -> tuple[nn.Module, list[dict]]:
     """Train `model` on `train` for `params.epochs`; return the trained (or weight-averaged) model and the curves.
 
     Each curve row: epoch, train_loss, train_accuracy, val_loss, val_accuracy, lr, seconds. Validation is only
     observed, never used to pick weights. A NaN/inf loss raises TrainingDiverged naming the stage and epoch.
+    `after_backward(model)` runs between each backward pass and optimizer step (e.g. a sparsity penalty that
+    adds to the gradients).
     """
     device = train.x.device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -160,6 +163,8 @@ def fit(
             loss.backward()
             if distiller is not None:  # adapters live outside the DDP model: average their gradients here
                 distributed.average_gradients(distiller.trainable)
+            if after_backward is not None:
+                after_backward(model)
             optimizer.step()
             if ema is not None:
                 ema.update_parameters(model)

@@ -40,7 +40,7 @@ def test_round_trip(tmp_path):
 def test_pruned_model_reloads_with_weights_only(tmp_path, arch):
     model, spec = _model(arch)
     example = torch.zeros(1, 1, 8, 8)
-    prune_to_target(model, example, 0.5)
+    model = prune_to_target(model, example, 0.5)
     path = tmp_path / "pruned.pt"
     save_model(path, model, spec, (1, 8, 8), ["a", "b", "c"])
     payload = torch.load(path, weights_only=True)  # no pickled code in the file

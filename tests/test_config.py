@@ -165,3 +165,12 @@ def test_unknown_key_far_from_any_field_has_no_suggestion(tmp_path):
     with pytest.raises(KdpruneError, match="unknown key 'zzzzzz'") as info:
         config.load(path)
     assert "did you mean" not in str(info.value)
+
+
+def test_prune_sensitivity_targets_must_be_fractions():
+
+    with pytest.raises(KdpruneError, match="prune.sensitivity") as info:
+        config.parse(deep_update(tiny_params_dict(), {"prune": {"sensitivity": [0.5, 1.2]}}))
+    assert "\n" not in str(info.value)
+    with pytest.raises(KdpruneError, match="prune.method"):
+        config.parse(deep_update(tiny_params_dict(), {"prune": {"method": "random"}}))

@@ -194,11 +194,12 @@ def test_fit_returns_a_model_without_hooks(teacher, ema):
 def test_fitnets_fine_tunes_a_pruned_student(teacher, arch):
     """The prune stage's KD fine-tune: the adapter is sized from the pruned student's own width."""
     train, val = splits()
-    student = net(arch, 8)
+    # as in the pipeline, the student has trained before it is pruned (airbench: its patch whitening is set)
+    student, _ = train_mod.fit(net(arch, 8), train, val, TRAIN, stage="distilled")
     example = torch.randn(1, 1, 8, 8)
     deepest = student.stages[-1]
     width_before = _width(student, deepest, example)
-    prune_to_target(student, example, target=0.5)
+    student = prune_to_target(student, example, target=0.5)
     width_after = _width(student, deepest, example)
     assert width_after < width_before
     distiller = Distiller(teacher, student, DistillParams(method="fitnets"), train.inputs(slice(0, 2)), 1)

@@ -66,7 +66,7 @@ def test_resize_to_state_dict_after_pruning_reproduces_outputs(arch):
     torch.manual_seed(0)
     model = _trained_a_little(build(spec(arch, 8), 1, 8, 5), 1, 8)
     original_shapes = {k: v.shape for k, v in model.state_dict().items()}
-    prune_to_target(model, torch.randn(1, 1, 8, 8), target=0.4)
+    model = prune_to_target(model, torch.randn(1, 1, 8, 8), target=0.4)
     state = model.state_dict()
     assert any(state[k].shape != original_shapes[k] for k in state), "pruning changed no shape"
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
+from kdprune.config import TrainParams
 from kdprune.errors import KdpruneError
+from kdprune.metrics import compare_latency, latency_cost
 from kdprune.models import MODEL_BUILDERS, build
-from kdprune.pruning import count_macs_params, prune_to_target
+from kdprune.pruning import (SparsityPenalty, count_macs_params, group_norms, macs_cost, prune_at_ratio,
+                             prune_in_rounds, prune_to_target, round_goals, search_within)
+from kdprune.train import Split, fit
 
 
 def conv_linear_macs(model: nn.Module, example: torch.Tensor) -> int:
@@ -102,5 +108,91 @@ def test_unreachable_target_is_a_one_line_error():
     # the classifier is never pruned: a model that is almost all classifier cannot lose 99% of its MACs
     model = tiny(width=1, classes=1000)  # about half its MACs are the 4 -> 1000 classifier
     with pytest.raises(KdpruneError, match="prune.target") as info:
-        prune_to_target(model, torch.randn(1, 1, 8, 8), 0.99, increments=3)
+        prune_to_target(model, torch.randn(1, 1, 8, 8), 0.99)
     assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------ targets, rounds, learned sparsity
+@pytest.mark.parametrize("arch", ["resnet", "airbench"])
+@pytest.mark.parametrize("round_to", [1, 2])
+def test_macs_target_is_reached_within_tolerance(arch, round_to):
+    model = tiny(arch, width=16, size=16)
+    example = torch.randn(1, 1, 16, 16)
+    before, _ = count_macs_params(model, example)
+    after, _ = count_macs_params(prune_to_target(model, example, 0.5, round_to=round_to, tolerance=0.05), example)
+    assert 0.5 <= 1 - after / before <= 0.55
+
+
+def test_latency_target_is_reached_within_tolerance():
+    """The pruner searches on measured latency (pruned vs unpruned, interleaved); an independent measurement agrees."""
+    model = tiny("fastnet", width=32, channels=3, size=16)
+    shape = (3, 16, 16)
+    cost = latency_cost(model, shape, batch=64, repeats=7)
+    found = search_within(model, torch.zeros(1, *shape), cost, goal=0.5, tolerance=0.15)
+    assert 0.35 <= found.cost <= 0.5
+    ms = compare_latency({"base": model, "pruned": found.model}, shape, batch=64, repeats=15)["ms"]
+    assert 0.25 <= ms["pruned"] / ms["base"] <= 0.65  # generous: a shared CPU makes single figures noisy
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_steps_sets_the_number_of_rounds(steps):
+    model = tiny(width=16)
+    example = torch.randn(1, 1, 8, 8)
+    between = []
+    pruned, rounds = prune_in_rounds(model, example, macs_cost(example, model), 0.6, steps,
+                                     between=lambda m, i: between.append(i) or m)
+    assert [r["round"] for r in rounds] == list(range(1, steps + 1))
+    assert between == list(range(1, steps))  # a fine-tune between rounds, none after the last
+    assert [r["goal"] for r in rounds] == pytest.approx(round_goals(0.6, steps))
+    assert all(r["cost"] <= r["goal"] for r in rounds)
+    assert rounds[-1]["cost"] >= 0.4 - 0.05
+
+
+def _synthetic_split(n: int, seed: int) -> Split:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 1, 8, 8), generator=g, dtype=torch.uint8)
+    y = (x[:, 0, :4].float().mean((1, 2)) > x[:, 0, 4:].float().mean((1, 2))).long()  # top half brighter?
+    return Split(x, y, torch.full((1, 1, 1, 1), 127.5), torch.full((1, 1, 1, 1), 74.0))
+
+
+def test_sparsity_penalty_drives_groups_down_and_those_are_removed():
+    train, val = _synthetic_split(512, 0), _synthetic_split(128, 1)
+    schedule = TrainParams(epochs=4, batch_size=32, lr=0.05, warmup_epochs=0, weight_decay=0.0,
+                           augment={"flip": False, "translate": 0, "cutout": 0})
+    example = torch.zeros(1, 1, 8, 8)
+    trained = {}
+    for reg in (0.0, 0.05):
+        model = tiny(width=8, classes=2)
+        hook = SparsityPenalty(model, example, reg=reg) if reg else None
+        trained[reg], _ = fit(model, train, val, schedule, stage="sparse", after_backward=hook)
+    plain, sparse = (group_norms(trained[r].eval(), example) for r in (0.0, 0.05))
+
+    def weak_share(norms):  # the weakest quarter of each group's norms, relative to the group's strongest
+        return torch.stack([n.sort().values[: max(1, len(n) // 4)].mean() / n.max() for n in norms.values()]).mean()
+
+    assert weak_share(sparse) < 0.5 * weak_share(plain)
+
+    pruned = prune_at_ratio(copy.deepcopy(trained[0.05]), example, 0.5, global_ranking=True)
+    layers, original = dict(pruned.named_modules()), dict(trained[0.05].named_modules())
+    assert sum(layers[name].weight.shape[0] < len(norms) for name, norms in sparse.items()) >= 2
+    for name, norms in sparse.items():
+        # a channel is identified by its batch norm's statistics (its conv's weights also lose input columns)
+        bn = name[:-1] + "1" if name.endswith(".0") else name.replace("conv", "bn")
+        kept = layers[bn].running_var.shape[0]
+        expected = norms.argsort(descending=True)[:kept].sort().values  # the strongest groups survive, in order
+        assert torch.equal(layers[bn].running_var, original[bn].running_var[expected]), name
+
+
+def test_frozen_whitening_is_pruned_by_its_readers_and_stays_frozen():
+    """airbench's patch whitening is frozen: its outputs go by how much the next (learned) conv reads them."""
+    model = tiny("airbench", width=8, channels=3, size=16)
+    whiten, reader = model.features[0].conv, model.features[2]
+    with torch.no_grad():
+        reader.weight.normal_()  # distinct norms (the dirac init ties them)
+    readers_norm = reader.weight.detach().transpose(0, 1).flatten(1).norm(dim=1)
+    pruned = prune_at_ratio(copy.deepcopy(model), torch.zeros(1, 3, 16, 16), 0.5)
+    kept_whiten = pruned.features[0].conv
+    assert kept_whiten.out_channels == whiten.out_channels // 2
+    assert not kept_whiten.weight.requires_grad and kept_whiten.bias.requires_grad
+    expected = readers_norm.argsort(descending=True)[: kept_whiten.out_channels].sort().values
+    assert torch.equal(kept_whiten.weight, whiten.weight[expected])

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import CORE_STAGES, leftovers, tiny_params_dict
+from conftest import CORE_STAGES, deep_update, leftovers, tiny_params_dict
 from kdprune import config
 from kdprune.checkpoint import load_model
 from kdprune.errors import KdpruneError
@@ -165,3 +165,44 @@ def test_distill_and_prune_stages_with_each_method(project, method):
     for model in saved.values():
         assert not any(m._forward_hooks for m in model.modules())
         assert not any("adapter" in key for key in model.state_dict())
+
+
+def test_report_states_requested_and_achieved_pruning(trained_project):
+    report = read_json(Paths(trained_project).report_json)
+    pruning, models = report["pruning"], report["models"]
+    assert pruning["requested_macs_reduction"] == 0.5 and pruning["requested_latency_reduction"] is None
+    # a 4-channel stem moves in 25% steps: 56.6% is the closest either ranking gets to 50% from above
+    assert 0.5 <= pruning["achieved_macs_reduction"] <= 0.57
+    assert pruning["achieved_macs_reduction"] == read_json(Paths(trained_project).stage_metrics("pruned"))["macs_reduction"]
+    assert pruning["latency_clock"] == "cpu_time_ms"  # one thread on the CPU: process CPU time, immune to other jobs
+    speedup = models["distilled"]["cpu_time_ms_batch"] / models["pruned"]["cpu_time_ms_batch"]
+    assert pruning["speedup_batch"] == pytest.approx(speedup, rel=0.01)
+    assert pruning["speedup_efficiency_batch"] == pytest.approx(speedup / pruning["macs_ratio"], rel=0.01)
+    assert pruning["channels"]["stem.0"][0] == 4 and pruning["channels"]["stem.0"][1] < 4
+    assert pruning["channels"]["head.3"] == [10, 10]
+    assert models["pruned"]["latency_threads"] == 1
+    table = Paths(trained_project).report_md.read_text()
+    assert "speed-up efficiency" in table and "| stem.0 | 4 |" in table
+
+
+def test_prune_stage_sparse_in_rounds(project, tiny_raw):
+    """method sparse trains under the penalty first; steps 2 prunes in two rounds with a KD fine-tune between them."""
+    raw = deep_update(tiny_raw, {"prune": {"method": "sparse", "steps": 2, "target": 0.4, "sensitivity": [0.3],
+                                           "sparsity": {"reg": 0.01, "epochs": 1}}})
+    summary = run_stage("prune", config.parse(raw), Paths(project), NullTracker(), CPU)
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert [r["goal"] for r in summary["rounds"]] == pytest.approx([0.8, 0.6])
+    assert summary["method"] == "sparse" and 0.4 <= summary["macs_reduction"] <= 0.5
+    assert [row["target"] for row in summary["sensitivity"]] == [0.3]
+    assert Paths(project).sensitivity_plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert read_json(Paths(project).stage_metrics("pruned"))["rounds"] == summary["rounds"]
+    assert leftovers(project) == []
+
+
+def test_latency_target_on_missing_cuda_is_one_line(project, tiny_raw):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    raw = deep_update(tiny_raw, {"prune": {"latency_target": 0.3, "runtime": "cuda"}})
+    with pytest.raises(KdpruneError, match="prune.runtime") as info:
+        run_stage("prune", config.parse(raw), Paths(project), NullTracker(), CPU)
+    assert "\n" not in str(info.value)
