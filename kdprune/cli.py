@@ -97,12 +97,16 @@ def _run_one_stage(name, params, paths, tracker, device) -> dict:
     return run_stage(name, params, paths, tracker, device)
 
 
-def _distributed_setup(args: argparse.Namespace, device):
+def _distributed_setup(args: argparse.Namespace, params, device):
     """Under torchrun (WORLD_SIZE > 1): only training stages, each rank on its device in one process group."""
     if distributed.world_size() > 1 and getattr(args, "name", None) not in DATA_PARALLEL_STAGES:
         what = " ".join([args.command, getattr(args, "name", "")]).strip()
         raise KdpruneError(f"torchrun runs only the training stages ({', '.join(DATA_PARALLEL_STAGES)}): "
                            f"run `kdprune {what}` without it")
+    if distributed.world_size() > 1 and args.name == "prune" and params.prune.latency_target is not None:
+        # each rank would time its own copy and could cut different channels: the ranks' models would not match
+        raise KdpruneError("prune.latency_target measures latency in each process: run the prune stage without "
+                           "torchrun (or prune to prune.target, a MACs fraction)")
     return distributed.setup(device)
 
 
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         from kdprune.stages import Paths, resolve_device
 
         params = config.load(args.params, args.overrides)
-        device = _distributed_setup(args, resolve_device(args.device))
+        device = _distributed_setup(args, params, resolve_device(args.device))
         if args.command == "stage":
             summary = _run_one_stage(args.name, params, Paths(Path(".")), tracker_for(args), device)
             if distributed.is_main():

@@ -290,3 +290,12 @@ def test_deployment_parameters_are_absolute_for_a_local_source_and_repository_pa
     assert remote["params_path"] == "profiles/x.yaml" and remote["root"] == "."
     with pytest.raises(KdpruneError, match="path inside the repository"):
         deployment_parameters(str(workdir / "params.yaml"), [], None, True, "https://git.example/team/kdprune.git")
+
+
+def test_latency_target_pruning_under_torchrun_is_refused(project, capfd, monkeypatch):
+    from kdprune.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["stage", "prune", "--no-tracking", "-S", "prune.latency_target=0.3"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kdprune: error: prune.latency_target measures latency")
