@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout, installed or not
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from kdprune import config, stages  # noqa: E402
+from kdprune import config, project, stages  # noqa: E402
 from kdprune import data as data_mod  # noqa: E402
 from kdprune.checkpoint import load_model  # noqa: E402
 from kdprune.metrics import compare_latency  # noqa: E402
@@ -275,7 +275,6 @@ def fit_with_dataloader(model: torch.nn.Module, prepared: dict, val: Split, epoc
 def run_dataloader_rows(params: config.Params, paths: stages.Paths, fit_rows: list[dict], device: torch.device,
                         workers: int) -> list[dict]:
     """(a'): the seed recipe's teacher and student again, through `fit_with_dataloader`; images/s beside (a)'s."""
-    from kdprune.models import build
 
     prepared = data_mod.load_prepared(paths.prepared)
     val, test = (Split.from_prepared(prepared, s, device) for s in ("val", "test"))
@@ -288,8 +287,7 @@ def run_dataloader_rows(params: config.Params, paths: stages.Paths, fit_rows: li
             continue
         role = getattr(params, fit_row["model"])
         print(f"[bench] seed recipe through a DataLoader: {fit_row['model']} ...", file=sys.stderr, flush=True)
-        torch.manual_seed(params.seed)
-        model = build(role.model.model_dump(), *prepared["train_x"].shape[1:3], len(prepared["classes"]))
+        model = project.new_model(role.model, prepared, params.seed)  # the stages' seed-and-build
         model, seconds, images = fit_with_dataloader(model, prepared, val, role.train.epochs, device, workers)
         fit_row["images_per_second"] = role.train.epochs * train_images / fit_row["train_seconds"]
         rows.append({**fit_row, "recipe": "seed+DataLoader", "test_accuracy": evaluate(model, test)["accuracy"],
@@ -463,8 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_fraction:
         return run_sweep(args, profile_raw, device)
     seed_params = seed_recipe(profile_raw, args.quick)
-    timer = TimedFit(stages.fit, device)
-    stages.fit = timer  # the stages call kdprune.train.fit through this name
+    timer = TimedFit(project.fit, device)
+    project.fit = timer  # the stages train through kdprune.project.train_new, which calls fit by this name
     workdir = Path(tempfile.mkdtemp(prefix="kdprune-bench-"))
     try:
         profile_paths, seed_paths = stages.Paths(workdir / "profile"), stages.Paths(workdir / "seed")
@@ -485,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += run_recipe("profile", params, profile_paths, ["teacher", "student", "distilled", "pruned"], timer,
                                device)
     finally:
-        stages.fit = timer.fit
+        project.fit = timer.fit
         shutil.rmtree(workdir, ignore_errors=True)
     summary, lines = summarise(rows, params, args.quick)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"

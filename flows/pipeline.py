@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 from kdprune import config
 from kdprune.signals import exit_on_sigterm
 from kdprune.errors import KdpruneError
-from kdprune.search import open_storage, storage_url
+from kdprune.search import open_storage
 from kdprune.stages import Paths, resolve_device
 from kdprune.tracking import MlflowTracker, NullTracker
 from flows.search import run_search
@@ -36,28 +36,38 @@ def dvc_commit(root: Path, params_path: str, overrides: list[str]) -> str:
     return "outputs recorded in dvc.lock (dvc status is clean)"
 
 
+def _search(stage: str, params, paths, tracker, device) -> None:
+    """A search stage: a subflow with its trial workers when enabled, else a task writing {"enabled": false}."""
+    if params.search.enabled:
+        run_search(stage, params, paths, tracker, device)
+    else:
+        getattr(t, stage.replace("-", "_"))(params, paths, tracker, device)
+
+
 @flow(name="kdprune-pipeline", log_prints=True)
 def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None, device: str | None = None,
              tracking: bool = True, root: str = ".") -> dict:
-    """prepare -> search -> teacher, student -> distill -> prune -> evaluate -> register."""
+    """prepare -> search-teacher -> teacher -> search-student -> student, distill -> [compare] -> prune -> evaluate
+    -> register."""
     exit_on_sigterm()  # scheduled runs are stopped with SIGTERM: close the MLflow runs on the way out
     overrides = list(overrides or [])
     params = config.load(params_path, overrides)
     paths = Paths(Path(root))
-    if params.search.enabled:  # an unreachable study storage is one error line, before any training
-        open_storage(storage_url(params.search, paths.root))
+    if params.search.enabled and params.search.storage:  # unreachable: one error line, before any training
+        open_storage(params.search.storage)
     dev = resolve_device(device)
     tracker = MlflowTracker() if tracking and os.environ.get("KDPRUNE_TRACKING", "").lower() not in ("off", "0", "false") else NullTracker()
     with tracker.run("pipeline", tags={"kdprune.device": str(dev)}) as parent:
         parent.log_params(params.model_dump())
         data = t.prepare(params, paths, parent, dev)
-        if params.search.enabled:
-            run_search(params, paths, parent, dev)
-        else:
-            t.search(params, paths, parent, dev)  # records search/best.json = {"enabled": false}
+        # --- search order (issue 10): each study right before the stage that trains with its best point
+        _search("search-teacher", params, paths, parent, dev)
         t.teacher(params, paths, parent, dev)
+        _search("search-student", params, paths, parent, dev)  # distils from the trained teacher
         t.student(params, paths, parent, dev)
         t.distill(params, paths, parent, dev)
+        t.compare(params, paths, parent, dev)  # optional: writes {"enabled": false} unless search.compare.enabled
+        # --- end search order
         t.prune(params, paths, parent, dev)
         report = t.evaluate(params, paths, parent, dev)
         registration = t.register(params, paths, parent, dev)

@@ -1,4 +1,4 @@
-"""The search stage as a Prefect subflow whose trial workers run on the configured task runner.
+"""A search stage (search-teacher or search-student) as a Prefect subflow whose trial workers run on the configured task runner.
 
 threads (default) and processes run locally; `dask` uses prefect-dask: the scheduler at search.dask_address, or a
 local cluster of search.workers processes when none is given. Every worker joins the same Optuna study.
@@ -12,7 +12,7 @@ from prefect.cache_policies import NONE
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from kdprune.config import SearchParams
-from kdprune.stages import run_stage
+from kdprune.stages import SEARCH_STAGES, run_stage
 
 
 @task(name="search-worker", cache_policy=NONE)
@@ -39,19 +39,20 @@ def task_runner_for(search: SearchParams):
 
 
 @flow(name="kdprune-search", log_prints=True, validate_parameters=False)
-def search_flow(params, paths, tracker, device) -> dict:
-    best = run_stage("search", params, paths, tracker, device, run_workers=submit_workers)
-    report = paths.search_dir / "report.md"
-    if best.get("enabled") and report.is_file():
-        create_markdown_artifact(report.read_text(), key="kdprune-search-report",
-                                 description="defaults vs searched, on the same training budget")
+def search_flow(stage: str, params, paths, tracker, device) -> dict:
+    best = run_stage(stage, params, paths, tracker, device, run_workers=submit_workers)
+    pareto = paths.search_dir / "pareto.md"
+    if best.get("enabled") and best.get("mode") == "pareto" and pareto.is_file():
+        create_markdown_artifact(pareto.read_text(), key="kdprune-search-pareto",
+                                 description="the student's Pareto front, the chosen point marked")
     return best
 
 
-def run_search(params, paths, tracker, device) -> dict:
-    """The search stage with its workers on the task runner that params.search names."""
-    if params.search.enabled:  # a bad storage URL is one error line, before Prefect starts (and logs a traceback)
-        from kdprune.search import open_storage, storage_url
+def run_search(stage: str, params, paths, tracker, device) -> dict:
+    """One search stage (search-teacher, search-student) with its workers on the task runner params.search names."""
+    if params.search.storage:  # a bad storage URL is one error line, before Prefect starts (and logs a traceback)
+        from kdprune.search import open_storage
 
-        open_storage(storage_url(params.search, paths.root))
-    return search_flow.with_options(task_runner=task_runner_for(params.search))(params, paths, tracker, device)
+        open_storage(params.search.storage)
+    assert stage in SEARCH_STAGES, stage
+    return search_flow.with_options(task_runner=task_runner_for(params.search))(stage, params, paths, tracker, device)

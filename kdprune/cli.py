@@ -86,14 +86,14 @@ def _drivers() -> None:
 
 
 def _run_one_stage(name, params, paths, tracker, device) -> dict:
-    from kdprune.stages import run_stage
+    from kdprune.stages import SEARCH_STAGES, run_stage
 
-    if name == "search" and params.search.enabled and project_drivers():
+    if name in SEARCH_STAGES and params.search.enabled and project_drivers():
         try:  # trial workers on Prefect's task runner (threads, processes or Dask) when Prefect is installed
             from flows.search import run_search
         except ImportError:
             return run_stage(name, params, paths, tracker, device)
-        return run_search(params, paths, tracker, device)
+        return run_search(name, params, paths, tracker, device)
     return run_stage(name, params, paths, tracker, device)
 
 

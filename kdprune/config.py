@@ -200,7 +200,9 @@ class SearchSpace(Strict):
 
     # meta-optimization
     optimizer: list[Literal["sgd", "nesterov", "adamw", "hypergrad"]] = ["nesterov", "adamw"]
-    lr: FloatRange = FloatRange(low=0.003, high=0.3, log=True)
+    # one lr range per optimizer family (a conditional suggestion): SGD-like lrs make AdamW diverge
+    lr: FloatRange = FloatRange(low=0.003, high=0.3, log=True)  # sgd, nesterov, hypergrad
+    adamw_lr: FloatRange = FloatRange(low=1e-4, high=3e-3, log=True)  # adamw
     momentum: FloatRange = FloatRange(low=0.8, high=0.95)
     batch_size: list[int] = [32, 64, 128]
     schedule: list[Literal["constant", "cosine", "linear"]] = ["linear", "cosine"]
@@ -231,12 +233,23 @@ class SearchSpace(Strict):
         return self
 
 
+class CompareParams(Strict):
+    """The optional defaults-vs-searched stage: equal wall-clock training budget, test accuracy over seeds."""
+
+    enabled: bool = False
+    seconds: float = Field(default=60.0, gt=0)  # training budget of each model, wall-clock
+    seeds: int = Field(default=3, ge=1)  # each model trained with seeds seed, seed+1, ...: the spread is the noise
+
+
 class SearchParams(Strict):
     enabled: bool = False  # when true, teacher / student / distill train with the searched params
     mode: Literal["single", "pareto"] = "single"  # pareto: validation accuracy vs MACs (student width, prune target)
-    n_trials: int = Field(default=12, ge=1)  # per study (one for the teacher, one for the student)
-    epochs: int = Field(default=4, ge=1)  # training budget of one trial
-    compare_epochs: int | None = Field(default=None, ge=1)  # defaults-vs-searched report budget; None = the roles' epochs
+    n_trials: int = Field(default=12, ge=1)  # COMPLETE or PRUNED trials per study (teacher, then student)
+    fraction: float = Field(default=0.25, gt=0, le=1)  # of the real schedule a trial trains (epochs and warm-up)
+    # pareto: the chosen point is the most accurate front point with at most this fraction of the MACs of the
+    # params.yaml student (unpruned); null = no budget (the most accurate point)
+    max_macs: float | None = Field(default=0.5, gt=0)
+    compare: CompareParams = CompareParams()
     workers: int = Field(default=1, ge=1)  # trials running at once
     runner: Literal["threads", "processes", "dask"] = "threads"
     dask_address: str | None = None  # a Dask scheduler (tcp://host:8786); None with runner=dask: a local cluster

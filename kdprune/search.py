@@ -1,25 +1,35 @@
-"""Meta-optimization and meta-regularization: an Optuna study of how to train, judged on the validation split.
+"""Meta-optimization and meta-regularization: Optuna studies of how to train, judged on the validation split.
 
-Two studies run in turn, in one RDB storage (SQLite by default, any SQLAlchemy URL to share it between workers):
+Two studies, each its own pipeline stage, in the order the graph runs them:
 
-1. teacher: optimizer family, learning rate, momentum, batch size, schedule, warm-up (meta-optimization) and
-   weight decay, label smoothing, augmentation, dropout (meta-regularization); objective: the teacher's
-   validation accuracy after `search.epochs`. A seeded TPE sampler proposes, a Hyperband pruner fed each epoch's
-   validation accuracy stops the bad trials early.
-2. student: the same space plus the KD temperature and alpha, distilling from a proxy teacher trained for the
-   same budget with the best teacher params. In `pareto` mode the student's width and pruning target join the
-   space and the study has two objectives (validation accuracy up, MACs down); its Pareto front is reported.
+1. search-teacher: optimizer family with its own lr range, momentum, batch size, schedule, warm-up
+   (meta-optimization) and weight decay, label smoothing, augmentation, dropout (meta-regularization); objective:
+   the teacher's validation accuracy. Then the teacher stage trains the real teacher with the best point.
+2. search-student: the same space plus the KD temperature and alpha, distilling from that real teacher. In
+   `pareto` mode the student's width and pruning target join the space, the study has two objectives (validation
+   accuracy up, MACs down), and the chosen point is the most accurate front point within `search.max_macs`.
 
-Workers call `optimize_worker` against the shared study; how they run (threads, processes, Dask) is the
-caller's choice (`run_workers`), so this module needs neither Prefect nor Dask.
+A trial trains `search.fraction` of the role's real schedule (epochs and warm-up scaled together), so a searched
+lr/warm-up/schedule is judged on the curve it will be used with. A seeded TPE sampler proposes; a median pruner
+(one bracket: TPE models every finished trial) stops trials below the median of earlier ones at the same epoch.
+
+A study's name is a hash of exactly what its trials read (see `trial_inputs`) plus a fingerprint of the code they
+run, so a rerun with the same inputs resumes the study, and any relevant change starts a new one.
+
+Workers call `optimize_worker` against the shared study; how they run (threads, processes, Dask) is the caller's
+choice (`run_workers`), so this module needs neither Prefect nor Dask.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import math
+import os
 import re
+import socket
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,25 +40,37 @@ import optuna
 import torch
 
 from kdprune import data as data_mod
-from kdprune.checkpoint import load_model, save_model
+from kdprune.checkpoint import load_model
 from kdprune.config import Params, SearchParams, SearchSpace
 from kdprune.errors import KdpruneError, TrainingDiverged
-from kdprune.io import read_json, write_json, write_text
-from kdprune.models import build
+from kdprune.io import write_json, write_text
+from kdprune.project import (AUGMENT_KEYS, TRAIN_KEYS, Paths, apply_point, input_spec, new_model, resolve_device,
+                             make_splits, train_new)
 from kdprune.pruning import count_macs_params, prune_to_target
 from kdprune.tracking import NullTracker
-from kdprune.train import Split, evaluate, fit
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 WorkerRunner = Callable[[Callable[[int], Any], int], list]
+State = optuna.trial.TrialState
+COUNTED = (State.COMPLETE, State.PRUNED)  # what fills a study's n_trials; failed (diverged, killed) trials do not
+# The modules a trial runs: editing one of them starts new studies (and, in dvc.yaml, reruns the search stages).
+CODE_FILES = ("search", "project", "train", "distiller", "models", "augment", "optim", "losses", "pruning", "data",
+              "config")
+OWNER = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial, to fail the trials of a dead process
 
 
 # ------------------------------------------------------------------------------------------- the space
 def suggest(trial: optuna.Trial, space: SearchSpace, *, distill: bool, pareto: bool) -> dict[str, Any]:
-    """Sample one point of the space; the keys are the params the training stages take."""
+    """Sample one point of the space (define-by-run); the keys are the params the training stages take.
+
+    AdamW draws its lr from its own range (`adamw_lr`): one range for SGD and AdamW wastes trials on diverging
+    AdamW runs, and TPE learns nothing from a pruned divergence.
+    """
+    optimizer = trial.suggest_categorical("optimizer", space.optimizer)
+    lr_name, lr_range = ("adamw_lr", space.adamw_lr) if optimizer == "adamw" else ("lr", space.lr)
     s: dict[str, Any] = {
-        "optimizer": trial.suggest_categorical("optimizer", space.optimizer),
-        "lr": trial.suggest_float("lr", space.lr.low, space.lr.high, log=space.lr.log),
+        "optimizer": optimizer,
+        "lr": trial.suggest_float(lr_name, lr_range.low, lr_range.high, log=lr_range.log),
         "momentum": trial.suggest_float("momentum", space.momentum.low, space.momentum.high),
         "batch_size": trial.suggest_categorical("batch_size", space.batch_size),
         "schedule": trial.suggest_categorical("schedule", space.schedule),
@@ -69,38 +91,57 @@ def suggest(trial: optuna.Trial, space: SearchSpace, *, distill: bool, pareto: b
     return s
 
 
-def apply_point(params: Params, role: str, point: dict[str, Any], epochs: int | None = None) -> Params:
-    """`params` with one role's training (and, for the student, KD and size) replaced by a sampled point."""
-    train_keys = {"optimizer", "lr", "momentum", "batch_size", "schedule", "weight_decay", "label_smoothing"}
+def is_pareto(search: SearchParams, role: str) -> bool:
+    return search.mode == "pareto" and role == "student"
+
+
+# ------------------------------------------------------------------------------------------- identity
+def code_fingerprint() -> str:
+    here = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for name in CODE_FILES:
+        digest.update((here / f"{name}.py").read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def file_fingerprint(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+
+
+def trial_inputs(params: Params, role: str, dataset_id: str, teacher: str | None = None) -> dict:
+    """Exactly what one role's trials read: searched keys are left out (the point replaces them), so are
+    n_trials (a budget: raising it resumes), workers/runner/storage, eval-only tta, compile, and max_macs
+    (it only picks among finished trials). The student's trials also read the trained teacher (its hash) and the
+    distillation method's own params."""
+    search, pareto = params.search, is_pareto(params.search, role)
+    space = search.space.model_dump(exclude=({"temperature", "alpha"} if role == "teacher" else set())
+                                    | (set() if pareto else {"width", "prune_target"}))
     role_params = getattr(params, role)
-    train = role_params.train.model_dump()
-    train.update({k: v for k, v in point.items() if k in train_keys})
-    train["augment"] = {**train["augment"], **{k: point[k] for k in ("translate", "cutout") if k in point}}
-    if epochs is not None:
-        train["epochs"] = epochs
-    train["warmup_epochs"] = min(point.get("warmup_epochs", train["warmup_epochs"]), train["epochs"])
-    model = role_params.model.model_dump()
-    model.update({k: point[k] for k in ("dropout", "width") if k in point})
-    raw = params.model_dump()
-    raw[role] = {"model": model, "train": train}
+    train = role_params.train.model_dump(exclude=set(TRAIN_KEYS) | {"tta", "compile"})
+    train["augment"] = {k: v for k, v in train["augment"].items() if k not in AUGMENT_KEYS}
+    model = role_params.model.model_dump(exclude={"dropout"} | ({"width"} if pareto else set()))
+    inputs = {"role": role, "seed": params.seed, "dataset": dataset_id, "model": model, "train": train,
+              "search": {"mode": search.mode if role == "student" else "single", "fraction": search.fraction,
+                         "seed": search.seed, "space": space},
+              "code": code_fingerprint()}
     if role == "student":
-        raw["distill"].update({k: point[k] for k in ("temperature", "alpha") if k in point})
-        if "prune_target" in point:
-            raw["prune"]["target"] = point["prune_target"]
-    return Params.model_validate(raw)
+        inputs["teacher"] = teacher
+        inputs["distill"] = params.distill.model_dump(exclude={"temperature", "alpha"})  # the method and its knobs
+    if pareto:
+        inputs["prune"] = {"round_to": params.prune.round_to}
+    return inputs
 
 
-def searched_params(params: Params, best: dict) -> Params:
-    """The params the training stages use: the search's best points applied when the search is switched on."""
-    if not params.search.enabled or not best.get("enabled"):
-        return params
-    params = apply_point(params, "teacher", best["teacher"])
-    return apply_point(params, "student", best["student"])
+def study_name(params: Params, role: str, dataset_id: str, teacher: str | None = None) -> str:
+    """Stable per trial inputs: rerunning the same search resumes it; a relevant change starts another study."""
+    digest = hashlib.sha256(json.dumps(trial_inputs(params, role, dataset_id, teacher), sort_keys=True).encode())
+    return f"kdprune-{role}-{dataset_id}-{digest.hexdigest()[:10]}"
 
 
 # ------------------------------------------------------------------------------------------- storage
-def storage_url(search: SearchParams, root: Path) -> str:
-    return search.storage or f"sqlite:///{(root / 'optuna.db').resolve()}"
+def storage_url(search: SearchParams, paths: Paths, role: str) -> str:
+    """search.storage, else one SQLite file per study in search/ (a DVC out of that study's stage)."""
+    return search.storage or f"sqlite:///{paths.study_db(role).resolve()}"
 
 
 def redact(url: str) -> str:
@@ -111,7 +152,7 @@ def redact(url: str) -> str:
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """The study storage; an unreachable or malformed URL is one error line naming search.storage."""
     try:
-        # Heartbeats let a resumed study mark the trials of a killed worker FAIL instead of RUNNING forever.
+        # Heartbeats let a resumed study mark the trials of a killed worker on another host FAIL.
         with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and say so on stderr
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=30,
@@ -121,26 +162,40 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         raise KdpruneError(f"search.storage: cannot open {redact(url)!r} ({redact(reason)[:200]})") from None
 
 
-def study_name(params: Params, role: str, dataset_id: str, proxy_point: dict | None = None) -> str:
-    """Stable per (data, search config, role): rerunning the same search resumes it instead of mixing studies.
-
-    n_trials is a budget, not part of the study: raising it resumes the study with more trials. The student study
-    also depends on its proxy teacher (the teacher's model and the best teacher point it trains with).
-    """
-    config = {"search": params.search.model_dump(exclude={"workers", "runner", "dask_address", "storage",
-                                                          "enabled", "compare_epochs", "n_trials"}),
-              role: getattr(params, role).model_dump(), "seed": params.seed}
-    if role == "student":
-        config["proxy"] = {"teacher": params.teacher.model_dump(), "point": proxy_point}
-    config = json.dumps(config, sort_keys=True)
-    return f"kdprune-{role}-{dataset_id}-{hashlib.sha256(config.encode()).hexdigest()[:10]}"
-
-
 def create_study(name: str, url: str, search: SearchParams, role: str) -> optuna.Study:
     """Create the study, or join it if a run with the same name was interrupted (load_if_exists)."""
-    pareto = search.mode == "pareto" and role == "student"
     return optuna.create_study(study_name=name, storage=open_storage(url), load_if_exists=True,
-                               directions=["maximize", "minimize"] if pareto else ["maximize"])
+                               directions=["maximize", "minimize"] if is_pareto(search, role) else ["maximize"])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_orphaned_trials(study: optuna.Study) -> list[int]:
+    """Mark FAIL the RUNNING trials whose worker process is gone; return their numbers.
+
+    A trial started on this host by a process that no longer exists is failed at once (a killed search rerun
+    within the heartbeat grace period would otherwise leave it RUNNING forever); other hosts' trials are failed
+    by Optuna's heartbeat check once stale.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    host = socket.gethostname()
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(State.RUNNING,)):
+        owner_host, _, pid = str(trial.user_attrs.get("owner", "")).rpartition(":")
+        if owner_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+            study._storage.set_trial_state_values(trial._trial_id, State.FAIL)
+            failed.append(trial.number)
+    return failed
 
 
 # ------------------------------------------------------------------------------------------- a trial
@@ -158,19 +213,34 @@ class TrialSetup:
     tracker: Any = NullTracker()
 
 
+def n_startup(search: SearchParams) -> int:
+    """TPE's random start-up trials; every later proposal is model-based (with the single-bracket pruner)."""
+    return min(5, search.n_trials)
+
+
+def _model_based(trial: optuna.Trial, search: SearchParams) -> bool:
+    """Whether TPE will model this trial's proposal: it does once n_startup trials are COMPLETE or PRUNED."""
+    return len(trial.study.get_trials(deepcopy=False, states=COUNTED)) >= n_startup(search)
+
+
 def run_trial(trial: optuna.Trial, setup: TrialSetup, prepared: dict, teacher: torch.nn.Module | None):
-    """Train one sampled point for the trial budget; report each epoch's validation accuracy to the pruner."""
+    """Train one sampled point for the trial budget; report each epoch's validation accuracy to the pruner.
+
+    A pruned trial is PRUNED in Optuna and a FINISHED MLflow run tagged kdprune.trial_state=pruned.
+    """
     search = setup.params.search
-    pareto = search.mode == "pareto" and setup.role == "student"
+    pareto = is_pareto(search, setup.role)
+    trial.set_user_attr("owner", OWNER)
+    trial.set_user_attr("model_based", _model_based(trial, search))
     point = suggest(trial, search.space, distill=setup.role == "student", pareto=pareto)
-    params = apply_point(setup.params, setup.role, point, epochs=search.epochs)
+    trial.set_user_attr("point", point)
+    params = apply_point(setup.params, setup.role, point, fraction=search.fraction)
     role = getattr(params, setup.role)
-    device = torch.device(setup.device)
-    train, val = (Split.from_prepared(prepared, s, device) for s in ("train", "val"))
+    train, val = make_splits(prepared, torch.device(setup.device))
+    pruned: optuna.TrialPruned | None = None
     with setup.tracker.run(f"{setup.role}-trial-{trial.number}", tags={"kdprune.trial": trial.number}) as run:
         trial.set_user_attr("mlflow_run_id", run.run_id)
-        run.log_params({"role": setup.role, "study": setup.study_name, **point})
-        pruned_at: list[int] = []
+        run.log_params({"role": setup.role, "study": setup.study_name, "epochs": role.train.epochs, **point})
 
         def on_epoch(row: dict) -> None:
             run.log_metrics(row, step=row["epoch"])
@@ -178,55 +248,60 @@ def run_trial(trial: optuna.Trial, setup: TrialSetup, prepared: dict, teacher: t
                 trial.report(row["val_accuracy"], row["epoch"])
                 # only before the last epoch: after it the budget is spent and the trial is complete, not pruned
                 if row["epoch"] < role.train.epochs and trial.should_prune():
-                    pruned_at.append(row["epoch"])
                     raise optuna.TrialPruned(f"epoch {row['epoch']}: val_accuracy {row['val_accuracy']:.4f}")
 
-        torch.manual_seed(params.seed)
-        c, size, _ = prepared["train_x"].shape[1:]
-        model = build(role.model.model_dump(), c, size, len(prepared["classes"]))
         try:
-            model, history = fit(model, train, val, role.train, stage=f"{setup.role} trial {trial.number}",
-                                 seed=params.seed, teacher=teacher, distill=params.distill if teacher else None,
-                                 on_epoch=on_epoch)
-        except optuna.TrialPruned:
-            run.set_tags({"kdprune.trial_state": "pruned"})
-            raise
+            model, history = train_new(role.model, role.train, prepared, train, val, seed=params.seed,
+                                       stage=f"{setup.role} trial {trial.number}", teacher=teacher,
+                                       distill=params.distill, on_epoch=on_epoch)
+        except optuna.TrialPruned as stop:
+            run.set_tags({"kdprune.trial_state": "pruned", "kdprune.pruned": str(stop)})
+            pruned = stop
         except TrainingDiverged as error:
             run.set_tags({"kdprune.trial_state": "failed", "kdprune.error": str(error)})
             raise
-        value = history[-1]["val_accuracy"]
-        if not pareto:
+        else:
+            value = history[-1]["val_accuracy"]
+            if pareto:
+                value, macs = _prune_and_finetune(model, params, role, prepared, train, val, teacher, trial.number)
+                run.log_metrics({"final_val_accuracy": value, "macs": macs})
             run.set_tags({"kdprune.trial_state": "complete"})
-            return value
-        example = torch.zeros(1, c, size, size)
-        model = prune_to_target(model.cpu(), example, params.prune.target, params.prune.round_to)
-        macs, _ = count_macs_params(model, example)
-        model, history = fit(model, train, val, role.train.model_copy(update={"epochs": 1, "warmup_epochs": 0}),
-                             stage=f"student trial {trial.number} fine-tune", seed=params.seed, teacher=teacher,
-                             distill=params.distill)
-        value = history[-1]["val_accuracy"]
-        run.log_metrics({"final_val_accuracy": value, "macs": macs})
-        run.set_tags({"kdprune.trial_state": "complete"})
-        return value, macs
+    if pruned is not None:
+        raise pruned  # outside the MLflow run: it closes FINISHED
+    return (value, macs) if pareto else value
+
+
+def _prune_and_finetune(model, params: Params, role, prepared, train, val, teacher, number: int):
+    """Pareto trials: prune to the sampled target, fine-tune one epoch with KD; (val accuracy, MACs)."""
+    shape, _ = input_spec(prepared)
+    example = torch.zeros(1, *shape)
+    model = prune_to_target(model.cpu(), example, params.prune.target, params.prune.round_to)
+    macs, _ = count_macs_params(model, example)
+    model, history = train_new(model, role.train.model_copy(update={"epochs": 1, "warmup_epochs": 0}), prepared,
+                               train, val, stage=f"student trial {number} fine-tune", seed=params.seed,
+                               teacher=teacher, distill=params.distill)
+    return history[-1]["val_accuracy"], macs
+
+
+def counted(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=COUNTED))
 
 
 def optimize_worker(setup: TrialSetup, n_trials: int, worker: int = 0) -> int:
-    """One worker: join the study and run up to `n_trials` trials (fewer if the study is already complete).
-
-    Each worker seeds its sampler with seed + worker index: equal seeds would propose the same points.
-    """
+    """One worker: join the study and run up to `n_trials` trials, stopping once the study holds
+    search.n_trials COMPLETE or PRUNED trials (failed ones do not count: a resumed run replaces them)."""
     search = setup.params.search
     study = optuna.load_study(study_name=setup.study_name, storage=open_storage(setup.storage),
-                              pruner=_pruner(setup))
+                              pruner=make_pruner(search, setup.role))
+    if counted(study) >= search.n_trials:
+        return 0  # a resumed study that is already complete
     study.sampler = make_sampler(search, worker, len(study.trials))
     prepared = data_mod.load_prepared(setup.prepared_path)
     teacher = load_model(setup.teacher_path)[0].to(setup.device) if setup.teacher_path else None
-    if len(study.trials) >= search.n_trials:
-        return 0  # a resumed study that is already complete
     # MaxTrialsCallback stops every worker once the study holds n_trials, however they interleave.
     study.optimize(lambda trial: run_trial(trial, setup, prepared, teacher), n_trials=n_trials,
                    catch=(TrainingDiverged,),  # a diverged trial is FAILED; the study goes on
-                   callbacks=[optuna.study.MaxTrialsCallback(search.n_trials, states=None)])
+                   callbacks=[optuna.study.MaxTrialsCallback(search.n_trials, states=COUNTED)])
     return len(study.trials)
 
 
@@ -237,13 +312,15 @@ def make_sampler(search: SearchParams, worker: int = 0, existing: int = 0) -> op
     also moves the seed past those of earlier runs, else the fresh sampler would replay their proposals.
     """
     return optuna.samplers.TPESampler(seed=search.seed + worker + 10_000 * existing,
-                                      n_startup_trials=min(5, search.n_trials))
+                                      n_startup_trials=n_startup(search))
 
 
-def _pruner(setup: TrialSetup):
-    if setup.params.search.mode == "pareto" and setup.role == "student":
-        return None
-    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=setup.params.search.epochs)
+def make_pruner(search: SearchParams, role: str) -> optuna.pruners.BasePruner | None:
+    """A median pruner: one bracket, so TPE sees every trial. (Hyperband splits the study into brackets and TPE
+    then models each bracket alone, which kept it random: at most 2 of 12 proposals were model-based.)"""
+    if is_pareto(search, role):
+        return None  # both objectives are only known at the end of a trial
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
 
 
 def run_in_threads(work: Callable[[int], Any], n: int) -> list:
@@ -254,7 +331,16 @@ def run_in_threads(work: Callable[[int], Any], n: int) -> list:
         return list(pool.map(work, range(n)))
 
 
-# ------------------------------------------------------------------------------------------- the stage
+def _run_study(setup: TrialSetup, run_workers: WorkerRunner) -> optuna.Study:
+    search = setup.params.search
+    study = create_study(setup.study_name, setup.storage, search, setup.role)
+    fail_orphaned_trials(study)  # before counting: a killed trial is FAIL, and is replaced
+    per_worker = math.ceil(search.n_trials / search.workers)
+    run_workers(lambda i: optimize_worker(setup, per_worker, i), search.workers)
+    return optuna.load_study(study_name=setup.study_name, storage=open_storage(setup.storage))
+
+
+# ------------------------------------------------------------------------------------------- Pareto
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the points (accuracy up, MACs down) that no other point dominates."""
     front = []
@@ -265,106 +351,122 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
+def choose_on_front(front: list[optuna.trial.FrozenTrial], max_macs: float | None):
+    """The most accurate front trial with at most `max_macs` MACs (fewer MACs break ties); when none fits the
+    budget, the smallest front trial. Returns (trial, within_budget)."""
+    within = [t for t in front if max_macs is None or t.values[1] <= max_macs]
+    if not within:
+        return min(front, key=lambda t: (t.values[1], -t.values[0])), False
+    return max(within, key=lambda t: (t.values[0], -t.values[1])), True
+
+
+# ------------------------------------------------------------------------------------------- the stage
 def _study_summary(study: optuna.Study) -> dict:
-    states = [t.state.name for t in study.trials]
+    trials = study.trials
+    states = [t.state.name for t in trials]
     return {"study": study.study_name, "trials": len(states), "complete": states.count("COMPLETE"),
-            "pruned": states.count("PRUNED"), "failed": states.count("FAIL")}
+            "pruned": states.count("PRUNED"), "failed": states.count("FAIL"), "running": states.count("RUNNING"),
+            "model_based": sum(bool(t.user_attrs.get("model_based")) for t in trials)}
 
 
-def _tag_best(tracker, trials: list[optuna.trial.FrozenTrial]) -> None:
-    for trial in trials:
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id and hasattr(tracker, "client"):
-            tracker.client.set_tag(run_id, "kdprune.best", "true")
+def _tag_best(tracker, trial: optuna.trial.FrozenTrial) -> None:
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id and hasattr(tracker, "client"):
+        tracker.client.set_tag(run_id, "kdprune.best", "true")
 
 
-def _run_study(setup: TrialSetup, run_workers: WorkerRunner) -> optuna.Study:
-    search = setup.params.search
-    create_study(setup.study_name, setup.storage, search, setup.role)
-    per_worker = math.ceil(search.n_trials / search.workers)
-    run_workers(lambda i: optimize_worker(setup, per_worker, i), search.workers)
-    return optuna.load_study(study_name=setup.study_name, storage=open_storage(setup.storage))
-
-
-def search(params: Params, paths, tracker=NullTracker(), device: torch.device | None = None,
+def search(role: str, params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None,
            run_workers: WorkerRunner = run_in_threads) -> dict:
-    """Run both studies; write the best params (a DVC dependency of the training stages) and the reports."""
+    """Run one role's study; write its best point (search/<role>.json, a dep of the role's stages) and reports."""
+    best_path = paths.search_best(role)
     if not params.search.enabled:
-        write_json(paths.search_best, {"enabled": False})
+        _declared_outs(paths, role)
+        write_json(best_path, {"enabled": False})
         return {"enabled": False}
-    from kdprune.stages import resolve_device
-
     device = device or resolve_device()
     prepared = data_mod.load_prepared(paths.prepared)
-    url = storage_url(params.search, paths.root)
-    tracker.log_params({"search": params.search.model_dump(exclude={"space"}), "storage": url.split("@")[-1]})
+    url = storage_url(params.search, paths, role)
+    teacher_path = paths.model("teacher") if role == "student" else None
+    if teacher_path is not None and not teacher_path.is_file():
+        raise KdpruneError(f"{teacher_path}: the student study distils from the trained teacher; run the teacher "
+                           "stage first")
+    name = study_name(params, role, prepared["dataset_id"], file_fingerprint(teacher_path) if teacher_path else None)
+    tracker.log_params({"search": params.search.model_dump(exclude={"space"}), "study": name,
+                        "storage": redact(url)})
     # absolute paths: process and Dask workers need not share this process's working directory
-    base = dict(params=params, storage=url, prepared_path=paths.prepared.resolve(), device=str(device), tracker=tracker)
-    teacher_setup = TrialSetup(role="teacher", study_name=study_name(params, "teacher", prepared["dataset_id"]),
-                               teacher_path=None, **base)
-    teacher_study = _run_study(teacher_setup, run_workers)
-    completed = [t for t in teacher_study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if not completed:
-        raise KdpruneError("search: no teacher trial completed (all pruned or diverged); widen search.space")
-    best_teacher = teacher_study.best_trial
-    teacher_point = {k: v for k, v in best_teacher.params.items()}
-
-    # The proxy teacher the student trials distil from: best teacher params, trial budget.
-    proxy_params = apply_point(params, "teacher", teacher_point, epochs=params.search.epochs)
-    train, val = (Split.from_prepared(prepared, s, device) for s in ("train", "val"))
-    torch.manual_seed(params.seed)
-    c, size, _ = prepared["train_x"].shape[1:]
-    proxy = build(proxy_params.teacher.model.model_dump(), c, size, len(prepared["classes"]))
-    proxy, _ = fit(proxy, train, val, proxy_params.teacher.train, stage="search proxy teacher", seed=params.seed)
-    save_model(paths.search_dir / "proxy_teacher.pt", proxy, proxy_params.teacher.model.model_dump(), (c, size, size),
-               prepared["classes"])
-
-    student_setup = TrialSetup(role="student", study_name=study_name(params, "student", prepared["dataset_id"],
-                                                                     teacher_point),
-                               teacher_path=(paths.search_dir / "proxy_teacher.pt").resolve(), **base)
-    student_study = _run_study(student_setup, run_workers)
-    student_trials = [t for t in student_study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if not student_trials:
-        raise KdpruneError("search: no student trial completed (all pruned or diverged); widen search.space")
-    if params.search.mode == "pareto":
-        front_trials = student_study.best_trials
-        best_student = max(front_trials, key=lambda t: (t.values[0], -t.values[1]))
-        write_pareto(paths, front_trials, student_trials)
+    setup = TrialSetup(params=params, role=role, study_name=name, storage=url, prepared_path=paths.prepared.resolve(),
+                       teacher_path=teacher_path.resolve() if teacher_path else None, device=str(device),
+                       tracker=tracker)
+    if not params.search.storage:
+        paths.search_dir.mkdir(parents=True, exist_ok=True)
+    study = _run_study(setup, run_workers)
+    _declared_outs(paths, role)
+    complete = [t for t in study.trials if t.state == State.COMPLETE]
+    if not complete:
+        raise KdpruneError(f"search: no {role} trial completed (all pruned or diverged); widen search.space")
+    summary = _study_summary(study)
+    best = {"enabled": True, "role": role, "mode": params.search.mode if role == "student" else "single",
+            "study": summary, "storage": redact(url)}
+    if is_pareto(params.search, role):
+        front = [complete[i] for i in pareto_front([tuple(t.values) for t in complete])]
+        shape, _ = input_spec(prepared)
+        student_macs, _ = count_macs_params(new_model(params.student.model, prepared, params.seed),
+                                            torch.zeros(1, *shape))
+        max_macs = None if params.search.max_macs is None else params.search.max_macs * student_macs
+        chosen, within = choose_on_front(front, max_macs)
+        best.update({"macs": int(chosen.values[1]), "max_macs": max_macs, "within_budget": within,
+                     "student_macs": student_macs})
+        write_pareto(paths, front, complete, chosen, max_macs)
     else:
-        front_trials, best_student = [best_teacher], student_study.best_trial
-    _tag_best(tracker, [best_teacher, best_student])
-    summary = {"teacher": _study_summary(teacher_study), "student": _study_summary(student_study)}
-    best = {
-        "enabled": True, "mode": params.search.mode,
-        "teacher": teacher_point, "student": dict(best_student.params),
-        "teacher_val_accuracy": best_teacher.value,
-        "student_val_accuracy": best_student.values[0],
-        "studies": summary, "storage": url.split("@")[-1],
-    }
-    write_json(paths.search_best, best)
-    write_trials_table(paths.search_dir / "trials.csv", teacher_study, student_study)
-    tracker.log_metrics({f"{role}.{k}": v for role, s in summary.items() for k, v in s.items() if k != "study"})
-    tracker.log_metrics({"best_teacher_val_accuracy": best["teacher_val_accuracy"],
-                         "best_student_val_accuracy": best["student_val_accuracy"]})
-    tracker.log_artifact(paths.search_best)
+        chosen = study.best_trial
+    best.update({"trial": chosen.number, "val_accuracy": chosen.values[0], "point": chosen.user_attrs["point"]})
+    _tag_best(tracker, chosen)
+    write_trials_table(paths.search_dir / f"{role}-trials.csv", study)
+    write_json(best_path, best)
+    tracker.log_metrics({**{k: v for k, v in summary.items() if k != "study"},
+                         "best_val_accuracy": best["val_accuracy"]})
+    tracker.log_artifact(best_path)
     return best
 
 
-def write_trials_table(path: Path, *studies: optuna.Study) -> None:
-    rows = ["study,number,state,value,params"]
-    for study in studies:
-        for t in study.trials:
-            value = "" if t.values is None else ";".join(f"{v:.6g}" for v in t.values)
-            rows.append(f"{study.study_name},{t.number},{t.state.name},{value},\"{json.dumps(t.params, sort_keys=True)}\"".replace('"{', "'{").replace('}"', "}'"))
-    write_text(path, "\n".join(rows) + "\n")
+def _declared_outs(paths: Paths, role: str) -> None:
+    """dvc.yaml declares the default study file and the trials table: make them exist even when unused (search
+    off, or an external search.storage); an empty file is an empty SQLite database. A student study that is not
+    a Pareto search leaves no stale front behind."""
+    paths.search_dir.mkdir(parents=True, exist_ok=True)
+    paths.study_db(role).touch()
+    if not (paths.search_dir / f"{role}-trials.csv").is_file():
+        write_trials_table(paths.search_dir / f"{role}-trials.csv")
+    if role == "student":
+        for name in ("pareto.md", "pareto.png"):
+            (paths.search_dir / name).unlink(missing_ok=True)
 
 
-def write_pareto(paths, front: list[optuna.trial.FrozenTrial], trials: list[optuna.trial.FrozenTrial]) -> None:
-    """The Pareto front as a Markdown table (each row reproducible from its params) and a PNG plot."""
-    lines = ["| trial | val accuracy | MACs | width | prune target | params |", "|---:|---:|---:|---:|---:|---|"]
+def write_trials_table(path: Path, study: optuna.Study | None = None) -> None:
+    """Every trial, one CSV row (written by the csv module: params are quoted JSON)."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["study", "number", "state", "values", "model_based", "point"])
+    for t in study.trials if study else []:
+        values = "" if t.values is None else ";".join(f"{v:.6g}" for v in t.values)
+        writer.writerow([study.study_name, t.number, t.state.name, values, bool(t.user_attrs.get("model_based")),
+                         json.dumps(t.user_attrs.get("point", t.params), sort_keys=True)])
+    write_text(path, out.getvalue())
+
+
+def write_pareto(paths: Paths, front: list[optuna.trial.FrozenTrial], trials: list[optuna.trial.FrozenTrial],
+                 chosen: optuna.trial.FrozenTrial, max_macs: float | None) -> None:
+    """The Pareto front as a Markdown table (the chosen row marked) and a PNG plot with the budget line."""
+    budget = "none" if max_macs is None else f"{int(max_macs):,} MACs"
+    lines = [f"MACs budget: {budget}; chosen: trial {chosen.number}"
+             + ("" if max_macs is None or chosen.values[1] <= max_macs else " (no front point fits the budget: "
+                                                                              "the smallest one)"), "",
+             "| chosen | trial | val accuracy | MACs | width | prune target | point |",
+             "|:---:|---:|---:|---:|---:|---:|---|"]
     for t in sorted(front, key=lambda t: t.values[1]):
-        lines.append(f"| {t.number} | {t.values[0]:.4f} | {int(t.values[1]):,} | {t.params['width']} | "
-                     f"{t.params['prune_target']:.2f} | `{json.dumps(t.params, sort_keys=True)}` |")
+        lines.append(f"| {'**x**' if t.number == chosen.number else ''} | {t.number} | {t.values[0]:.4f} | "
+                     f"{int(t.values[1]):,} | {t.params['width']} | {t.params['prune_target']:.2f} | "
+                     f"`{json.dumps(t.user_attrs.get('point', t.params), sort_keys=True)}` |")
     write_text(paths.search_dir / "pareto.md", "\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -378,6 +480,10 @@ def write_pareto(paths, front: list[optuna.trial.FrozenTrial], trials: list[optu
     front_sorted = sorted(front, key=lambda t: t.values[1])
     ax.step([t.values[1] for t in front_sorted], [t.values[0] for t in front_sorted], "o-", where="post", c="tab:red",
             label="Pareto front")
+    ax.scatter([chosen.values[1]], [chosen.values[0]], s=160, facecolors="none", edgecolors="black", zorder=3,
+               label=f"chosen (#{chosen.number})")
+    if max_macs is not None:
+        ax.axvline(max_macs, ls="--", c="tab:blue", label="MACs budget")
     for t in front_sorted:
         ax.annotate(f"#{t.number}", (t.values[1], t.values[0]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     macs = [t.values[1] for t in trials]
@@ -385,65 +491,9 @@ def write_pareto(paths, front: list[optuna.trial.FrozenTrial], trials: list[optu
         ax.set_xscale("log")
     ax.set_xlabel("MACs per image")
     ax.set_ylabel("validation accuracy")
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     tmp = paths.search_dir / ".pareto.png.tmp.png"
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(paths.search_dir / "pareto.png")
-
-
-def load_best(paths) -> dict:
-    return read_json(paths.search_best) if Path(paths.search_best).is_file() else {"enabled": False}
-
-
-def compare(params: Params, paths, best: dict, tracker=NullTracker(), device: torch.device | None = None) -> dict:
-    """Defaults vs searched on the same budget: validation and test accuracy of teacher and distilled student.
-
-    Also the online meta-optimizer: the student trained alone with the hypergradient optimizer vs the default's
-    fixed schedule. Test accuracy is only reported here, never used to choose.
-    """
-    from kdprune.stages import resolve_device
-
-    device = device or resolve_device()
-    prepared = data_mod.load_prepared(paths.prepared)
-    train, val, test = (Split.from_prepared(prepared, s, device) for s in ("train", "val", "test"))
-    c, size, _ = prepared["train_x"].shape[1:]
-    epochs = params.search.compare_epochs
-
-    def train_role(p: Params, role: str, teacher=None):
-        role_params = getattr(p, role)
-        tp = role_params.train if epochs is None else role_params.train.model_copy(
-            update={"epochs": epochs, "warmup_epochs": min(role_params.train.warmup_epochs, epochs)})
-        torch.manual_seed(p.seed)
-        model = build(role_params.model.model_dump(), c, size, len(prepared["classes"]))
-        model, _ = fit(model, train, val, tp, stage=f"compare {role}", seed=p.seed, teacher=teacher,
-                       distill=p.distill if teacher else None)
-        return model, tp.epochs
-
-    rows = {}
-    searched = searched_params(params.model_copy(update={"search": params.search.model_copy(update={"enabled": True})}), best)
-    for label, p in (("defaults", params), ("searched", searched)):
-        teacher, n = train_role(p, "teacher")
-        student, _ = train_role(p, "student", teacher=teacher)
-        for name, model in (("teacher", teacher), ("distilled", student)):
-            rows[f"{label} {name}"] = {"val_accuracy": evaluate(model, val)["accuracy"],
-                                       "test_accuracy": evaluate(model, test)["accuracy"], "epochs": n}
-    hyper = params.model_copy(update={"student": params.student.model_copy(update={
-        "train": params.student.train.model_copy(update={"optimizer": "hypergrad", "schedule": "constant"})})})
-    for label, p in (("student alone, fixed schedule", params), ("student alone, hypergradient lr", hyper)):
-        model, n = train_role(p, "student")
-        rows[label] = {"val_accuracy": evaluate(model, val)["accuracy"], "test_accuracy": evaluate(model, test)["accuracy"],
-                       "epochs": n}
-    lines = ["| model | val accuracy | test accuracy | epochs |", "|---|---:|---:|---:|"]
-    lines += [f"| {k} | {v['val_accuracy']:.2%} | {v['test_accuracy']:.2%} | {v['epochs']} |" for k, v in rows.items()]
-    studies = best.get("studies", {})
-    lines += ["", "| study | trials | complete | pruned | failed |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {role} | {s['trials']} | {s['complete']} | {s['pruned']} | {s['failed']} |" for role, s in studies.items()]
-    table = "\n".join(lines) + "\n"
-    write_text(paths.search_dir / "report.md", table)
-    write_json(paths.search_dir / "compare.json", rows)
-    tracker.log_text(table, "search_report.md")
-    tracker.log_metrics({f"{k.replace(' ', '_').replace(',', '')}.{m}": v for k, row in rows.items()
-                         for m, v in row.items()})
-    return {"rows": rows, "table": table}

@@ -12,21 +12,19 @@ import io
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from kdprune import data as data_mod, distributed
-from kdprune import registry
+from kdprune import compare as compare_mod, data as data_mod, distributed, registry, search as search_mod
 from kdprune.checkpoint import load_model, save_model
-from kdprune.config import Params, RoleParams, TrainParams
+from kdprune.config import ModelParams, Params, TrainParams
 from kdprune.io import read_json, write_json, write_text
 from kdprune.errors import KdpruneError
 from kdprune.lineage import file_hash, lineage_tags, run_context
 from kdprune.metrics import compare_latency, latency_cost, layer_channels, model_costs, pruner_clock
-from kdprune.models import build
 from kdprune.plots import sensitivity_plot
+from kdprune.project import Paths, effective_params, input_spec, resolve_device, make_splits, train_new  # noqa: F401 - re-exported
 from kdprune.pruning import (SparsityPenalty, count_macs_params, default_round_to, macs_cost, prune_in_rounds,
                              search_within)
 from kdprune.serving import predict_pixels, with_normalization
@@ -34,62 +32,6 @@ from kdprune.tracking import NullTracker
 from kdprune.train import Split, evaluate as evaluate_split, fit
 
 MODEL_NAMES = ("teacher", "student", "distilled", "pruned")
-
-
-@dataclass(frozen=True)
-class Paths:
-    """Where every stage reads and writes, relative to the project root (the 'catalog')."""
-
-    root: Path = Path(".")
-
-    @property
-    def prepared(self) -> Path:
-        return self.root / "data" / "prepared.pt"
-
-    def model(self, name: str) -> Path:
-        return self.root / "models" / f"{name}.pt"
-
-    def stage_metrics(self, name: str) -> Path:
-        return self.root / "metrics" / f"{name}.json"
-
-    def curve(self, name: str) -> Path:
-        return self.root / "plots" / f"{name}.csv"
-
-    @property
-    def sensitivity_plot(self) -> Path:
-        return self.root / "plots" / "sensitivity.png"
-
-    @property
-    def report_json(self) -> Path:
-        return self.root / "reports" / "metrics.json"
-
-    @property
-    def report_md(self) -> Path:
-        return self.root / "reports" / "table.md"
-
-    @property
-    def registration(self) -> Path:
-        return self.root / "reports" / "registration.json"
-
-    @property
-    def onnx(self) -> Path:
-        return self.root / "models" / "pruned.onnx"
-
-    @property
-    def search_dir(self) -> Path:
-        return self.root / "search"
-
-    @property
-    def search_best(self) -> Path:
-        return self.search_dir / "best.json"
-
-
-def resolve_device(name: str | None = None) -> torch.device:
-    """The device flag, else KDPRUNE_DEVICE, else CUDA when present, else the CPU."""
-    import os
-
-    name = name or os.environ.get("KDPRUNE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -103,22 +45,23 @@ def _write_curve(path: Path, history: list[dict]) -> None:
 
 def _splits(paths: Paths, device: torch.device) -> tuple[dict, Split, Split]:
     prepared = data_mod.load_prepared(paths.prepared)
-    return prepared, Split.from_prepared(prepared, "train", device), Split.from_prepared(prepared, "val", device)
+    return prepared, *make_splits(prepared, device)
 
 
-def _train_and_save(name: str, model: torch.nn.Module, spec: dict, train_params: TrainParams, params: Params,
-                    paths: Paths, tracker, device: torch.device, teacher: torch.nn.Module | None = None,
-                    extra: dict | None = None, splits=None) -> dict:
-    """The shared body of every training stage: fit, then save the model, curve and metrics."""
+def _train_and_save(name: str, model: ModelParams | torch.nn.Module, spec: dict, train_params: TrainParams,
+                    params: Params, paths: Paths, tracker, device: torch.device,
+                    teacher: torch.nn.Module | None = None, extra: dict | None = None, splits=None) -> dict:
+    """The shared body of every training stage: (seed, build,) fit, then save the model, curve and metrics."""
     prepared, train, val = splits or _splits(paths, device)
     tracker.log_params({"model": spec, "train": train_params.model_dump(), "seed": params.seed,
                         "dataset_id": prepared["dataset_id"], **({"distill": params.distill.model_dump()} if teacher is not None else {})})
     started = time.perf_counter()
-    model, history = fit(model, train, val, train_params, stage=name, seed=params.seed, teacher=teacher,
-                         distill=params.distill if teacher is not None else None,
-                         on_epoch=lambda row: tracker.log_metrics(row, step=row["epoch"]))
+    # the same seed for student and distilled: both start from the same weights
+    model, history = train_new(model, train_params, prepared, train, val, stage=name, seed=params.seed,
+                               teacher=teacher, distill=params.distill,
+                               on_epoch=lambda row: tracker.log_metrics(row, step=row["epoch"]))
     seconds = time.perf_counter() - started
-    input_shape = tuple(prepared["train_x"].shape[1:])
+    input_shape, _ = input_spec(prepared)
     macs, n_params = count_macs_params(model.cpu(), torch.zeros(1, *input_shape))
     summary = {"val_accuracy": history[-1]["val_accuracy"], "val_loss": history[-1]["val_loss"],
                "train_seconds": round(seconds, 2), "epochs": len(history), "macs": macs, "params": n_params,
@@ -135,26 +78,11 @@ def _train_and_save(name: str, model: torch.nn.Module, spec: dict, train_params:
     return summary
 
 
-def _fresh_model(role: RoleParams, prepared: dict, seed: int) -> tuple[torch.nn.Module, dict]:
-    torch.manual_seed(seed)  # same seed for student and distilled: both start from the same weights
-    c, size, _ = prepared["train_x"].shape[1:]
-    spec = role.model.model_dump()
-    return build(spec, c, size, len(prepared["classes"])), spec
-
-
-def effective_params(params: Params, paths: Paths) -> Params:
-    """params.yaml with the search's best points applied when `search.enabled` (search/best.json is a dep)."""
-    from kdprune.search import load_best, searched_params
-
-    return searched_params(params, load_best(paths))
-
-
 def _role_stage(name: str, role_name: str, params: Params, paths: Paths, tracker, device, teacher=None) -> dict:
     params = effective_params(params, paths)
     role = getattr(params, role_name)
-    splits = _splits(paths, device)
-    model, spec = _fresh_model(role, splits[0], params.seed)
-    return _train_and_save(name, model, spec, role.train, params, paths, tracker, device, teacher=teacher, splits=splits)
+    return _train_and_save(name, role.model, role.model.model_dump(), role.train, params, paths, tracker, device,
+                           teacher=teacher)
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -464,19 +392,27 @@ def register(params: Params, paths: Paths, tracker=NullTracker(), device: torch.
     return result
 
 
-def search(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None,
-           run_workers=None) -> dict:
-    """Meta-optimization / meta-regularization studies, then defaults vs searched on the same budget."""
-    from kdprune import search as search_mod
-
-    best = search_mod.search(params, paths, tracker, device, run_workers=run_workers or search_mod.run_in_threads)
-    if best.get("enabled"):
-        best["report"] = search_mod.compare(params, paths, best, tracker, device)["rows"]
-    return best
+def search_teacher(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None,
+                   run_workers=None) -> dict:
+    """The teacher's study (meta-optimization / meta-regularization); writes search/teacher.json."""
+    return search_mod.search("teacher", params, paths, tracker, device, run_workers=run_workers or search_mod.run_in_threads)
 
 
-STAGES = {"prepare": prepare, "search": search, "teacher": teacher, "student": student, "distill": distill, "prune": prune,
-          "evaluate": evaluate, "register": register}
+def search_student(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None,
+                   run_workers=None) -> dict:
+    """The student's study, distilling from the trained teacher; writes search/student.json."""
+    return search_mod.search("student", params, paths, tracker, device, run_workers=run_workers or search_mod.run_in_threads)
+
+
+def compare(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:
+    """Defaults vs searched at the same wall-clock budget, over seeds (optional: search.compare.enabled)."""
+    return compare_mod.compare(params, paths, tracker, device or resolve_device())
+
+
+STAGES = {"prepare": prepare, "search-teacher": search_teacher, "teacher": teacher, "search-student": search_student,
+          "student": student, "distill": distill, "compare": compare, "prune": prune, "evaluate": evaluate,
+          "register": register}
+SEARCH_STAGES = {"search-teacher": "teacher", "search-student": "student"}
 
 
 def run_stage(name: str, params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None,
@@ -496,6 +432,7 @@ def run_stage(name: str, params: Params, paths: Paths, tracker=NullTracker(), de
 
 def stage_outputs(paths: Paths) -> dict[str, Path]:
     """The main output of each stage (the file later stages read)."""
-    return {"prepare": paths.prepared, "search": paths.search_best, "teacher": paths.model("teacher"),
+    return {"prepare": paths.prepared, "search-teacher": paths.search_best("teacher"), "teacher": paths.model("teacher"),
+            "search-student": paths.search_best("student"), "compare": paths.compare_json,
             "student": paths.model("student"), "distill": paths.model("distilled"), "prune": paths.model("pruned"),
             "evaluate": paths.report_json, "register": paths.registration}

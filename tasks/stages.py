@@ -32,10 +32,12 @@ def _stage_task(name: str, **options):
 
 prepare = _stage_task("prepare", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=10),
                       retry_condition_fn=_download_failed)
-search = _stage_task("search")
+search_teacher = _stage_task("search-teacher")
 teacher = _stage_task("teacher")
+search_student = _stage_task("search-student")
 student = _stage_task("student")
 distill = _stage_task("distill")
+compare = _stage_task("compare")
 prune = _stage_task("prune")
 evaluate = _stage_task("evaluate")
 register = _stage_task("register")

@@ -35,7 +35,7 @@ def search_raw(search: dict | None = None, **sections) -> dict:
     raw = tiny_params_dict(**sections)
     for role in ("teacher", "student"):
         raw[role]["train"]["epochs"] = 1
-    raw["search"] = deep_update({"enabled": True, "n_trials": 2, "epochs": 1, "compare_epochs": 1, "workers": 1,
+    raw["search"] = deep_update({"enabled": True, "n_trials": 2, "fraction": 1.0, "workers": 1,
                                  "runner": "threads", "seed": 0, "space": SMALL_SPACE}, search or {})
     return raw
 
@@ -72,14 +72,15 @@ def dataset_id(root: Path) -> str:
 
 
 def trial_setup(params, root: Path, role: str = "teacher", tracker=None, name: str | None = None):
-    """A TrialSetup on the project's default storage (sqlite optuna.db in `root`), named as the search names it."""
+    """A teacher TrialSetup on the project's default storage (search/teacher-study.db), named as the search names it."""
+    from kdprune.project import Paths
     from kdprune.search import TrialSetup, storage_url, study_name
-    from kdprune.stages import Paths
     from kdprune.tracking import NullTracker
 
     paths = Paths(root)
+    paths.search_dir.mkdir(exist_ok=True)
     return TrialSetup(params=params, role=role, study_name=name or study_name(params, role, dataset_id(root)),
-                      storage=storage_url(params.search, root), prepared_path=paths.prepared, teacher_path=None,
+                      storage=storage_url(params.search, paths, role), prepared_path=paths.prepared, teacher_path=None,
                       device="cpu", tracker=tracker or NullTracker())
 
 

@@ -130,7 +130,7 @@ def test_dvc_pipeline(dvc_repo):
     status = run(["dvc", "status"], repo)
     assert "distill" in status and "teacher:" not in status and "student:" not in status
     third = run(["dvc", "repro"], repo)
-    assert ran_stages(third) == {"search", "distill", "prune", "evaluate", "register"}, third
+    assert ran_stages(third) == {"compare", "distill", "prune", "evaluate", "register"}, third
     assert digest(repo / "models" / "teacher.pt") == hashes[repo / "models" / "teacher.pt"]
     assert digest(repo / "models" / "student.pt") == hashes[repo / "models" / "student.pt"]
     assert digest(repo / "models" / "distilled.pt") != hashes[repo / "models" / "distilled.pt"]
@@ -189,8 +189,8 @@ def _experiments(shown: list) -> dict[str, dict]:
 def test_exp_run_is_visible_to_exp_show_and_keeps_params_yaml(team_repo):
     repo = team_repo
     output = run(["dvc", "exp", "run", "--temp", "-n", "t2", "-S", "distill.temperature=2"], repo)
-    # search reads distill too; disabled, it writes the same best.json, so the teacher and student stay
-    assert ran_stages(output) == {"search", "distill", "prune", "evaluate", "register"}, output
+    # compare reads distill too; disabled, it writes the same compare.json; the teacher and student stay
+    assert ran_stages(output) == {"compare", "distill", "prune", "evaluate", "register"}, output
     shown = _experiments(json.loads(run(["dvc", "exp", "show", "--json"], repo)))
     head = run(["git", "rev-parse", "HEAD"], repo).strip()
     baseline, experiment = shown[head], shown["t2"]

@@ -25,9 +25,12 @@ def test_dvc_stage_runs_are_tagged_and_grouped(tmp_path):
     repo = tmp_path / "project"
     repo.mkdir()
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {k: stages[k] for k in ("prepare", "search")}}))
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {k: stages[k] for k in ("prepare", "search-teacher")}}))
     shutil.copytree(REPO / "kdprune", repo / "kdprune", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    write_params(repo / "params.yaml", tiny_params_dict(search={"enabled": False}))
+    raw = tiny_params_dict(search={"enabled": False})
+    # every key the search stage lists in dvc.yaml must be in params.yaml (DVC's rule)
+    raw["teacher"]["train"].update(beta2=0.999, hypergrad_lr=1e-4, norm_lr_scale=1.0, ema=None)
+    write_params(repo / "params.yaml", raw)
     store = tmp_path / "store"
     store.mkdir()
     env = subprocess_env(MLFLOW_TRACKING_URI=fresh_mlflow_store(store), KDPRUNE_DEVICE="cpu")
@@ -42,16 +45,16 @@ def test_dvc_stage_runs_are_tagged_and_grouped(tmp_path):
     parents = [r for r in runs if r.info.run_name == "dvc repro"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert sorted(r.data.tags["kdprune.stage"] for r in children) == ["prepare", "search"]
+    assert sorted(r.data.tags["kdprune.stage"] for r in children) == ["prepare", "search-teacher"]
     assert all(r.data.tags["kdprune.git_commit"] == head for r in children + parents)
-    assert sorted(r.data.tags["kdprune.dvc_stage"] for r in children) == ["prepare", "search"]
+    assert sorted(r.data.tags["kdprune.dvc_stage"] for r in children) == ["prepare", "search-teacher"]
 
     run(["dvc", "exp", "run", "-n", "seed-one", "-S", "seed=1"], repo, env)
     runs = all_runs(uri)
     exp_parents = [r for r in runs if r.info.run_name == "dvc exp run seed-one"]
     assert len(exp_parents) == 1 and exp_parents[0].data.tags["kdprune.dvc_exp"] == "seed-one"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == exp_parents[0].info.run_id]
-    assert sorted(r.data.tags["kdprune.stage"] for r in children) == ["prepare", "search"]
+    assert sorted(r.data.tags["kdprune.stage"] for r in children) == ["prepare", "search-teacher"]
     assert all(r.data.tags["kdprune.dvc_exp"] == "seed-one" and r.data.tags["kdprune.git_commit"] == head
                for r in children)
     assert len([r for r in runs if r.info.run_name == "dvc repro"]) == 1  # the first repro's group is its own

@@ -1,5 +1,5 @@
-"""The search stage: seeded sampling, pruning, Pareto front, workers (threads, Dask), failures, resuming, bad input,
-and how the best params reach the training stages."""
+"""The search stages: seeded sampling, model-based proposals, pruning, transfer, Pareto budget, workers (threads,
+Dask), failures and orphaned trials, study identity, bad input, and how the best points reach the training stages."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import csv
 import json
 import math
 import random
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import optuna
@@ -16,14 +18,15 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, all_runs, mlflow_uri, subprocess_env, tiny_params_dict, write_params
+from conftest import REPO, all_runs, deep_update, mlflow_uri, subprocess_env, tiny_params_dict, write_params
 from search_fixtures import (GOOD_POINT, SMALL_SPACE, dataset_id, load_trials, prepared_digits,  # noqa: F401
                              search_params, search_raw, search_root, trial_setup)
 from kdprune import config
 from kdprune import search as search_mod
 from kdprune.config import SearchParams, SearchSpace
 from kdprune.errors import KdpruneError
-from kdprune.stages import Paths, effective_params, run_stage
+from kdprune.project import Paths, apply_point, effective_params, new_model
+from kdprune.stages import run_stage
 from kdprune.tracking import MlflowTracker, NullTracker
 
 State = optuna.trial.TrialState
@@ -56,8 +59,68 @@ def test_same_seed_proposes_the_same_trials_and_another_seed_does_not(kind, tmp_
     assert len(first) == 8  # past TPE's 5 random start-up trials: the model-based proposals are seeded too
     assert first == second
     assert first != other
-    assert set(first[0]) == {"optimizer", "lr", "momentum", "batch_size", "schedule", "warmup_epochs", "weight_decay",
-                             "label_smoothing", "translate", "cutout", "dropout", "temperature", "alpha"}
+    for params in first:  # one lr per optimizer family: a conditional (define-by-run) parameter
+        lr = "adamw_lr" if params["optimizer"] == "adamw" else "lr"
+        assert set(params) == {"optimizer", lr, "momentum", "batch_size", "schedule", "warmup_epochs",
+                               "weight_decay", "label_smoothing", "translate", "cutout", "dropout", "temperature",
+                               "alpha"}
+
+
+def test_each_optimizer_draws_its_lr_from_its_own_range():
+    space = SearchSpace(optimizer=["nesterov", "adamw"], lr={"low": 0.05, "high": 0.3, "log": True},
+                        adamw_lr={"low": 1e-4, "high": 2e-4, "log": True})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
+    points = []
+    for _ in range(30):
+        trial = study.ask()
+        points.append(search_mod.suggest(trial, space, distill=False, pareto=False))
+        study.tell(trial, 0.0)
+    adamw = [p["lr"] for p in points if p["optimizer"] == "adamw"]
+    sgd = [p["lr"] for p in points if p["optimizer"] == "nesterov"]
+    assert adamw and sgd
+    assert all(1e-4 <= lr <= 2e-4 for lr in adamw)
+    assert all(0.05 <= lr <= 0.3 for lr in sgd)
+
+
+def _count_model_based(pruner, search: SearchParams, steps: int) -> tuple[int, int]:
+    """Run the sampler of `search` with `pruner` on a synthetic curve; (model-based proposals, start-up trials).
+
+    A proposal is random when TPE hands it to its random start-up sampler; we count those calls by trial."""
+    sampler = search_mod.make_sampler(search)
+    random_trials: set[int] = set()
+    draw = sampler._random_sampler.sample_independent
+
+    def counting(study, trial, name, distribution):
+        random_trials.add(trial.number)
+        return draw(study, trial, name, distribution)
+
+    sampler._random_sampler.sample_independent = counting
+    objective = _synthetic_objective(search.space)
+    study = optuna.create_study(sampler=sampler, pruner=pruner, direction="maximize")
+    reported: dict[int, bool] = {}
+
+    def curve(trial: optuna.Trial) -> float:
+        reported[trial.number] = search_mod._model_based(trial, search)  # what the search records per trial
+        final = objective(trial)
+        for step in range(1, steps + 1):
+            trial.report(final * step / steps + 0.02 * step, step)  # informative early: the ranking holds
+            if step < steps and trial.should_prune():
+                raise optuna.TrialPruned()
+        return final
+
+    study.optimize(curve, n_trials=search.n_trials)
+    assert reported == {n: n not in random_trials for n in range(search.n_trials)}  # the recorded flag is true
+    assert any(t.state == State.PRUNED for t in study.trials)  # the pruner took part
+    return search.n_trials - len(random_trials), search_mod.n_startup(search)
+
+
+def test_with_the_shipped_configuration_most_proposals_after_the_start_up_are_model_based():
+    shipped = config.load(REPO / "params.yaml", ["search.enabled=true"])
+    search = shipped.search
+    steps = apply_point(shipped, "teacher", {}, fraction=search.fraction).teacher.train.epochs
+    model_based, startup = _count_model_based(search_mod.make_pruner(search, "teacher"), search, steps)
+    assert model_based > (search.n_trials - startup) / 2, model_based
+    assert model_based == search.n_trials - startup  # one bracket: every trial after the start-up is modelled
 
 
 def test_workers_and_resumed_runs_get_distinct_sampler_seeds():
@@ -74,29 +137,47 @@ def test_workers_and_resumed_runs_get_distinct_sampler_seeds():
 
 
 # ------------------------------------------------------------------------------------------- pruning
-def test_hyperband_prunes_a_clearly_worse_trial(search_root):
-    # epochs 2: one Hyperband bracket whose first rung is epoch 1. A good point first, then a hopeless lr.
-    params = search_params({"epochs": 2, "n_trials": 4, "space": {"lr": {"low": 1e-7, "high": 0.2, "log": True}}})
-    setup = trial_setup(params, search_root)
-    study = search_mod.create_study(setup.study_name, setup.storage, params.search, "teacher")
-    study.enqueue_trial(GOOD_POINT)
-    study.enqueue_trial({**GOOD_POINT, "lr": 1e-7})
-    search_mod.optimize_worker(setup, n_trials=2)
+def test_median_pruner_stops_a_clearly_worse_trial_which_is_a_finished_mlflow_run(search_root):
+    # roles train 4 epochs; fraction 0.5: trials train 2. Three good points (the pruner's start-up), then a hopeless lr.
+    raw = search_raw({"fraction": 0.5, "n_trials": 4, "space": {"lr": {"low": 1e-7, "high": 0.2, "log": True}}})
+    raw["teacher"]["train"].update(epochs=4, warmup_epochs=2)
+    params = config.parse(raw)
+    tracker = MlflowTracker(tracking_uri=mlflow_uri(search_root), experiment="prune")
+    with tracker.run("search-teacher") as parent:
+        setup = trial_setup(params, search_root, tracker=parent)
+        study = search_mod.create_study(setup.study_name, setup.storage, params.search, "teacher")
+        for lr in (0.05, 0.1, 0.08, 1e-7):
+            study.enqueue_trial({**GOOD_POINT, "lr": lr, "warmup_epochs": 0.0})
+        search_mod.optimize_worker(setup, n_trials=4)
 
-    good, hopeless = load_trials(setup)[:2]
-    assert good.state == State.COMPLETE
-    assert sorted(good.intermediate_values) == [1, 2]
-    assert hopeless.params["lr"] == pytest.approx(1e-7)
+    trials = load_trials(setup)
+    good, hopeless = trials[:3], trials[3]
+    assert [t.state for t in good] == [State.COMPLETE] * 3
+    assert all(sorted(t.intermediate_values) == [1, 2] for t in good)  # half of the 4-epoch schedule
     assert hopeless.state == State.PRUNED
     assert sorted(hopeless.intermediate_values) == [1]  # stopped after the first of its two epochs
-    assert hopeless.intermediate_values[1] < good.intermediate_values[1] - 0.3
+    runs = {r.info.run_id: r for r in all_runs(tracker.tracking_uri)}
+    pruned_run = runs[hopeless.user_attrs["mlflow_run_id"]]
+    assert pruned_run.info.status == "FINISHED"  # pruning is the search working, not a failure
+    assert pruned_run.data.tags["kdprune.trial_state"] == "pruned"
+    assert pruned_run.data.params["epochs"] == "2"
+
+
+def test_a_trial_trains_the_real_schedule_shrunk_by_fraction():
+    raw = search_raw({"fraction": 0.25})
+    raw["teacher"]["train"].update(epochs=8, warmup_epochs=2, schedule="linear")
+    params = config.parse(raw)
+    trial = apply_point(params, "teacher", {**GOOD_POINT, "warmup_epochs": 4.0}, fraction=0.25).teacher.train
+    assert (trial.epochs, trial.warmup_epochs) == (2, 1.0)  # warm-up is half the schedule in both
+    real = apply_point(params, "teacher", {**GOOD_POINT, "warmup_epochs": 4.0}).teacher.train
+    assert (real.epochs, real.warmup_epochs) == (8, 4.0)
+    assert apply_point(params, "teacher", {}, fraction=0.01).teacher.train.epochs == 1  # never 0
 
 
 def test_pareto_student_study_has_no_pruner():
-    params = search_params({"mode": "pareto"})
-    assert search_mod._pruner(search_mod.TrialSetup(params, "student", "s", "sqlite://", None, None, "cpu")) is None
-    pruner = search_mod._pruner(search_mod.TrialSetup(params, "teacher", "s", "sqlite://", None, None, "cpu"))
-    assert isinstance(pruner, optuna.pruners.HyperbandPruner)
+    search = search_params({"mode": "pareto"}).search
+    assert search_mod.make_pruner(search, "student") is None
+    assert isinstance(search_mod.make_pruner(search, "teacher"), optuna.pruners.MedianPruner)
 
 
 # --------------------------------------------------------------------------------------- Pareto front
@@ -121,6 +202,21 @@ def test_pareto_front_is_exactly_the_non_dominated_points(seed):
         assert any(_dominates(points[j], points[i]) for j in front)
 
 
+def _frozen(number: int, acc: float, macs: float):
+    return optuna.trial.FrozenTrial(
+        number=number, state=State.COMPLETE, value=None, values=[acc, macs], datetime_start=None,
+        datetime_complete=None, params={}, distributions={}, user_attrs={}, system_attrs={},
+        intermediate_values={}, trial_id=number)
+
+
+def test_the_chosen_point_is_the_most_accurate_within_the_macs_budget():
+    front = [_frozen(0, 0.70, 100), _frozen(1, 0.80, 200), _frozen(2, 0.90, 400)]
+    assert [search_mod.choose_on_front(front, budget)[0].number for budget in (None, 400, 399, 200, 150)] \
+        == [2, 2, 1, 1, 0]
+    chosen, within = search_mod.choose_on_front(front, 50)  # nothing fits: the smallest, and it says so
+    assert (chosen.number, within) == (0, False)
+
+
 def test_pareto_front_small_example():
     points = [(0.9, 100.0), (0.8, 50.0), (0.85, 120.0), (0.9, 100.0), (0.5, 50.0), (0.95, 400.0)]
     # (0.85, 120) loses to (0.9, 100); (0.5, 50) to (0.8, 50); equal points do not dominate each other
@@ -138,6 +234,25 @@ def test_two_workers_with_one_seed_do_not_duplicate_trials(search_root):
     assert [t.state for t in trials] == [State.COMPLETE] * 4
     keys = [json.dumps(t.params, sort_keys=True) for t in trials]
     assert len(set(keys)) == 4
+
+
+def test_models_built_in_threads_get_their_own_seed(search_root):
+    prepared = torch.load(search_root / "data" / "prepared.pt", weights_only=True)
+    model = config.ModelParams(arch="resnet", width=4)
+    expected = {seed: next(iter(new_model(model, prepared, seed).parameters())).detach().clone() for seed in range(6)}
+    got: dict[int, torch.Tensor] = {}
+
+    def build(seed: int) -> None:
+        for _ in range(5):
+            got[seed] = next(iter(new_model(model, prepared, seed).parameters())).detach().clone()
+            torch.rand(1000)  # another thread's use of the global RNG must not leak into a build
+
+    threads = [threading.Thread(target=build, args=(seed,)) for seed in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(torch.equal(got[seed], expected[seed]) for seed in range(6))
 
 
 def test_a_diverging_trial_fails_and_the_study_goes_on(search_root):
@@ -167,12 +282,12 @@ def test_search_with_every_teacher_trial_diverging_is_one_error_line(search_root
     params = search_params({"space": {"optimizer": ["sgd"], "lr": {"low": 1e6, "high": 1e7, "log": True},
                                       "batch_size": [128]}})
     with pytest.raises(KdpruneError) as info:
-        search_mod.search(params, Paths(search_root), device=CPU)
+        search_mod.search("teacher", params, Paths(search_root), device=CPU)
     message = str(info.value)
     assert "\n" not in message and "no teacher trial completed" in message
     trials = load_trials(trial_setup(params, search_root))
     assert [t.state for t in trials] == [State.FAIL, State.FAIL]  # both attempted, the study went on
-    assert not (search_root / "search" / "best.json").exists()
+    assert not (search_root / "search" / "teacher.json").exists()
 
 
 # --------------------------------------------------------------------------------------------- resume
@@ -191,31 +306,92 @@ def test_interrupted_study_resumes_with_more_trials_and_adds_none_when_complete(
     assert first_three[2] not in first_three[:2]  # the resumed sampler does not replay the first run's points
     _, study = run(3)
     assert [t.params for t in study.trials] == first_three
-    assert optuna.study.get_all_study_names(storage=search_mod.storage_url(search_params().search, search_root)) \
-        == [name2]
+    storage = search_mod.storage_url(search_params().search, Paths(search_root), "teacher")
+    assert optuna.study.get_all_study_names(storage=storage) == [name2]
 
 
-def test_study_name_changes_with_what_the_trials_depend_on():
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_a_killed_trial_is_failed_and_replaced_on_resume_within_the_grace_period(search_root):
+    params = search_params({"n_trials": 2})
+    setup = trial_setup(params, search_root)
+    study = search_mod.create_study(setup.study_name, setup.storage, params.search, "teacher")
+    search_mod.optimize_worker(setup, n_trials=1)
+    # a process killed during its second trial: RUNNING, fresh heartbeat-wise, owned by a dead pid on this host
+    killed = study.ask()
+    killed.set_user_attr("owner", f"{socket.gethostname()}:{_dead_pid()}")
+    alive = study.ask()  # another live worker of this host (our own pid) is left alone
+    alive.set_user_attr("owner", search_mod.OWNER)
+    assert search_mod.fail_orphaned_trials(study) == [killed.number]
+    study.tell(alive, state=State.FAIL)
+
+    study = search_mod._run_study(setup, search_mod.run_in_threads)
+    states = [t.state for t in study.trials]
+    assert states.count(State.COMPLETE) == 2  # only COMPLETE/PRUNED count: the killed trial was replaced
+    assert State.RUNNING not in states
+    assert study.trials[killed.number].state == State.FAIL
+    summary = search_mod._study_summary(study)
+    assert (summary["complete"], summary["failed"], summary["running"]) == (2, 2, 0)
+
+
+def test_study_identity_covers_exactly_what_the_trials_read():
     base = search_params()
     name = search_mod.study_name(base, "teacher", "d1")
-    same = [search_params({"n_trials": 9, "workers": 3, "compare_epochs": 2}),
-            search_params({"storage": "sqlite:///elsewhere.db"})]
+
+    def with_train(role: str, **changes):
+        raw = search_raw()
+        raw[role]["train"].update(changes)
+        return config.parse(raw)
+
+    same = [search_params({"n_trials": 9, "workers": 3}), search_params({"storage": "sqlite:///elsewhere.db"}),
+            search_params({"compare": {"enabled": True, "seconds": 5}}), search_params({"max_macs": 0.1}),
+            search_params({"mode": "pareto"}),  # the teacher's study is never a Pareto study
+            with_train("teacher", tta=True), with_train("teacher", compile=True),
+            with_train("teacher", lr=0.3, batch_size=16),  # searched: the point replaces them
+            with_train("student", epochs=5),  # the other role
+            search_params({"space": {"temperature": {"low": 2, "high": 3}}})]  # the teacher has no KD
     for params in same:
-        assert search_mod.study_name(params, "teacher", "d1") == name
-    different = [search_params({"epochs": 3}), search_params({"seed": 1}),
+        assert search_mod.study_name(params, "teacher", "d1") == name, params
+    different = [search_params({"fraction": 0.5}), search_params({"seed": 1}),
                  search_params({"space": {"lr": {"low": 0.001, "high": 0.2, "log": True}}}),
-                 config.parse({**search_raw(), "seed": 5})]
+                 config.parse({**search_raw(), "seed": 5}), with_train("teacher", epochs=3),
+                 with_train("teacher", ema=0.9), with_train("teacher", norm_lr_scale=2.0)]
     for params in different:
         assert search_mod.study_name(params, "teacher", "d1") != name
     assert search_mod.study_name(base, "teacher", "d2") != name
     assert search_mod.study_name(base, "student", "d1") != name
-    # the student's study depends on its proxy teacher: the teacher's model and the best teacher point
-    student = search_mod.study_name(base, "student", "d1", {"lr": 0.1})
-    assert search_mod.study_name(base, "student", "d1", {"lr": 0.2}) != student
-    wider = config.parse(search_raw(teacher={"model": {"arch": "resnet", "width": 16, "depth": 1, "dropout": 0.0},
-                                             "train": base.teacher.train.model_dump()}))
-    assert search_mod.study_name(wider, "student", "d1", {"lr": 0.1}) != student
-    assert search_mod.study_name(search_params({"n_trials": 7}), "student", "d1", {"lr": 0.1}) == student
+    # the student's study depends on the trained teacher; a Pareto student study on prune.round_to too
+    student = search_mod.study_name(base, "student", "d1", "teacher-hash-1")
+    assert search_mod.study_name(base, "student", "d1", "teacher-hash-2") != student
+    assert search_mod.study_name(search_params({"n_trials": 7}), "student", "d1", "teacher-hash-1") == student
+    def with_distill(**changes):
+        return config.parse(deep_update(search_raw(), {"distill": changes}))
+
+    assert search_mod.study_name(with_distill(method="dkd"), "student", "d1", "teacher-hash-1") != student
+    assert search_mod.study_name(with_distill(temperature=9.0), "student", "d1", "teacher-hash-1") == student
+    pareto = search_params({"mode": "pareto"})
+    rounded = config.parse(deep_update(search_raw({"mode": "pareto"}), {"prune": {"round_to": 2}}))
+    assert search_mod.study_name(pareto, "student", "d1", "t") != search_mod.study_name(rounded, "student", "d1", "t")
+    assert search_mod.study_name(base, "student", "d1", "t") == search_mod.study_name(
+        config.parse(deep_update(search_raw(), {"prune": {"round_to": 2}})), "student", "d1", "t")
+
+
+def test_study_identity_covers_the_code_the_trials_run(tmp_path, monkeypatch):
+    params = search_params()
+    name = search_mod.study_name(params, "teacher", "d1")
+    code = tmp_path / "kdprune"
+    code.mkdir()
+    here = Path(search_mod.__file__).parent
+    for module in search_mod.CODE_FILES:
+        (code / f"{module}.py").write_bytes((here / f"{module}.py").read_bytes())
+    monkeypatch.setattr(search_mod, "__file__", str(code / "search.py"))
+    assert search_mod.study_name(params, "teacher", "d1") == name  # same bytes, same study
+    with (code / "train.py").open("a") as f:
+        f.write("\n# a change to the training loop\n")
+    assert search_mod.study_name(params, "teacher", "d1") != name
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -251,7 +427,7 @@ def test_unreachable_storage_is_one_error_line_without_the_password(url):
 def test_search_stage_with_unreachable_storage_fails_before_training(search_root):
     params = search_params({"storage": "sqlite:////nonexistent/dir/x.db"})
     with pytest.raises(KdpruneError, match=r"^search\.storage: cannot open"):
-        run_stage("search", params, Paths(search_root), NullTracker(), CPU)
+        run_stage("search-teacher", params, Paths(search_root), NullTracker(), CPU)
     assert not (search_root / "search").exists()
 
 
@@ -260,7 +436,7 @@ def test_cli_bad_search_params_exit_2_with_one_line(workdir, capfd, override):
     from kdprune.cli import main
 
     write_params(workdir / "params.yaml", search_raw())
-    assert main(["stage", "search", "--no-tracking", "-S", override]) == 2
+    assert main(["stage", "search-teacher", "--no-tracking", "-S", override]) == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert err[0].startswith("kdprune: error: ") and override.split("=")[0] in err[0]
@@ -268,7 +444,7 @@ def test_cli_bad_search_params_exit_2_with_one_line(workdir, capfd, override):
 
 def test_cli_unreachable_storage_exits_2_with_one_line(search_root):
     write_params(search_root / "params.yaml", tiny_params_dict())
-    done = subprocess.run([sys.executable, "-m", "kdprune", "stage", "search", "--no-tracking",
+    done = subprocess.run([sys.executable, "-m", "kdprune", "stage", "search-teacher", "--no-tracking",
                            "-S", "search.enabled=true", "-S", "search.storage=postgresql://nobody:s3cret@127.0.0.1:1/x"],
                           cwd=search_root, env=subprocess_env(CI="1", KDPRUNE_DEVICE="cpu"),
                           capture_output=True, text=True, timeout=300)
@@ -281,15 +457,19 @@ def test_cli_unreachable_storage_exits_2_with_one_line(search_root):
 
 
 # --------------------------------------------------------------------------- best params -> training
-BEST = {"enabled": True, "mode": "single",
-        "teacher": {**GOOD_POINT, "optimizer": "sgd", "lr": 0.0123, "schedule": "constant", "batch_size": 128},
-        "student": {**GOOD_POINT, "lr": 0.031, "schedule": "constant", "temperature": 2.5, "alpha": 0.4}}
+BEST = {"teacher": {"enabled": True, "role": "teacher",
+                    "point": {**GOOD_POINT, "optimizer": "sgd", "lr": 0.0123, "schedule": "constant",
+                              "batch_size": 128}},
+        "student": {"enabled": True, "role": "student",
+                    "point": {**GOOD_POINT, "lr": 0.031, "schedule": "constant", "temperature": 2.5, "alpha": 0.4}}}
+OFF = {"teacher": {"enabled": False}, "student": {"enabled": False}}
 
 
 def _with_best(root, best: dict) -> Paths:
     paths = Paths(root)
     paths.search_dir.mkdir(exist_ok=True)
-    paths.search_best.write_text(json.dumps(best))
+    for role, found in best.items():
+        paths.search_best(role).write_text(json.dumps(found))
     return paths
 
 
@@ -323,7 +503,7 @@ def test_best_params_reach_the_training_stages(search_root):
     assert _curve_lrs(paths, "distilled") == pytest.approx([0.031])
 
 
-@pytest.mark.parametrize("enabled, best", [(False, BEST), (True, {"enabled": False})])
+@pytest.mark.parametrize("enabled, best", [(False, BEST), (True, OFF)])
 def test_best_params_are_ignored_unless_search_is_enabled(search_root, enabled, best):
     paths = _with_best(search_root, best)
     raw = search_raw({"enabled": enabled})
@@ -335,51 +515,85 @@ def test_best_params_are_ignored_unless_search_is_enabled(search_root, enabled, 
 
 
 # ----------------------------------------------------------------------------------------- dvc.yaml
-def test_disabled_search_stage_writes_enabled_false_and_training_stages_depend_on_it(tmp_path):
+def test_search_stages_run_before_the_stages_that_use_them(tmp_path):
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert stages["search"]["cmd"] == "kdprune stage search"
-    assert "search" in stages["search"]["outs"]  # a directory out: best.json, reports, proxy teacher
-    assert "search" in stages["search"]["params"]
-    for name in ("teacher", "student", "distill", "prune"):
-        assert "search/best.json" in stages[name]["deps"], name
+    order = list(stages)
+    assert order.index("search-teacher") < order.index("teacher") < order.index("search-student") \
+        < order.index("student") < order.index("distill")
+    assert "models/teacher.pt" in stages["search-student"]["deps"]  # the student study distils from the teacher
+    for role in ("teacher", "student"):
+        assert stages[f"search-{role}"]["cmd"] == f"kdprune stage search-{role}"
+        assert f"search/{role}.json" in stages[f"search-{role}"]["outs"]
+        assert any(isinstance(o, dict) and f"search/{role}-study.db" in o for o in stages[f"search-{role}"]["outs"])
+    assert "search/teacher.json" in stages["teacher"]["deps"]
+    for name in ("student", "distill", "prune"):
+        assert "search/student.json" in stages[name]["deps"], name
+    for role in ("teacher", "student"):  # the code the trials run: what their study names hash, no more
+        code = {d for d in stages[f"search-{role}"]["deps"] if d.startswith("kdprune")}
+        assert code == {f"kdprune/{name}.py" for name in search_mod.CODE_FILES}
 
     params = config.parse(tiny_params_dict())
     assert params.search.enabled is False
-    assert run_stage("search", params, Paths(tmp_path), NullTracker(), CPU) == {"enabled": False}
-    assert json.loads((tmp_path / "search" / "best.json").read_text()) == {"enabled": False}
-    assert not (tmp_path / "optuna.db").exists()  # switched off, it touches no study
+    for role in ("teacher", "student"):
+        assert run_stage(f"search-{role}", params, Paths(tmp_path), NullTracker(), CPU) == {"enabled": False}
+        assert json.loads((tmp_path / "search" / f"{role}.json").read_text()) == {"enabled": False}
+        assert (tmp_path / "search" / f"{role}-study.db").stat().st_size == 0  # declared out; no study touched
+    assert run_stage("compare", params, Paths(tmp_path), NullTracker(), CPU) == {"enabled": False}
+
+
+@pytest.mark.parametrize("params_file", ["params.yaml", "profiles/cifar10-cpu-quick.yaml",
+                                         "profiles/cifar10-gpu.yaml"])
+def test_every_param_the_search_stages_list_is_in_the_params_files(params_file):
+    """DVC refuses a stage whose listed param is missing; a profile copied over params.yaml must run under DVC."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    raw = yaml.safe_load((REPO / params_file).read_text())
+    for stage in ("search-teacher", "search-student", "compare"):
+        for key in stages[stage]["params"]:
+            node = raw
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"{params_file}: {key} ({stage})"
+                node = node[part]
 
 
 # ------------------------------------------------------------------------------- whole stage, runners
-def _check_search_outputs(root: Path, n_trials: int) -> tuple[dict, dict]:
-    stored = json.loads((root / "search" / "best.json").read_text())
-    assert stored["enabled"] is True
-    assert {s["trials"] for s in stored["studies"].values()} == {n_trials}
-    storage = search_mod.storage_url(SearchParams(), root)
-    names = optuna.study.get_all_study_names(storage=storage)
-    assert sorted(n.split("-")[1] for n in names) == ["student", "teacher"]
-    studies = {n.split("-")[1]: optuna.load_study(study_name=n, storage=storage) for n in names}
-    for study in studies.values():
+def _check_search_outputs(root: Path, n_trials: int) -> dict:
+    studies = {}
+    for role in ("teacher", "student"):
+        stored = json.loads((root / "search" / f"{role}.json").read_text())
+        assert stored["enabled"] is True
+        assert stored["study"]["complete"] + stored["study"]["pruned"] == n_trials
+        storage = search_mod.storage_url(SearchParams(), Paths(root), role)
+        (name,) = optuna.study.get_all_study_names(storage=storage)
+        assert name == stored["study"]["study"] and name.startswith(f"kdprune-{role}-")
+        studies[role] = study = optuna.load_study(study_name=name, storage=storage)
         assert len(study.trials) == n_trials
-    assert stored["teacher"] == studies["teacher"].best_trial.params
-    with (root / "search" / "trials.csv").open() as f:
-        assert len(f.read().strip().splitlines()) == 1 + 2 * n_trials
-    return studies, stored
+        (chosen,) = [t for t in study.trials if t.number == stored["trial"]]
+        assert stored["point"] == chosen.user_attrs["point"]
+        with (root / "search" / f"{role}-trials.csv").open(newline="") as f:
+            rows = list(csv.reader(f))
+        assert len(rows) == 1 + n_trials and {len(r) for r in rows} == {len(rows[0])}  # valid CSV
+        assert [json.loads(r[-1]) for r in rows[1:]] == [t.user_attrs["point"] for t in study.trials]
+    return studies
 
 
-def _check_nested_runs(uri: str, studies: dict, stored: dict, n_trials: int) -> None:
+def _check_nested_runs(uri: str, studies: dict, n_trials: int) -> None:
     runs = all_runs(uri)
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
-    (search_run,) = [r for r in runs if r.data.tags.get("kdprune.stage") == "search"]
-    assert search_run.info.status == "FINISHED"
-    trials = [r for r in runs if "kdprune.trial" in r.data.tags]
-    assert len(trials) == 2 * n_trials
-    assert {r.data.tags.get("mlflow.parentRunId") for r in trials} == {search_run.info.run_id}
-    best_ids = {t.user_attrs["mlflow_run_id"] for role in ("teacher", "student") for t in studies[role].trials
-                if t.state == State.COMPLETE and t.params == stored[role]}
-    assert len(best_ids) == 2
-    assert {r.info.run_id for r in trials if r.data.tags.get("kdprune.best") == "true"} == best_ids
-    assert {r.info.run_id for r in runs if r.data.tags.get("kdprune.best") == "true"} == best_ids
+    for role, study in studies.items():
+        (search_run,) = [r for r in runs if r.data.tags.get("kdprune.stage") == f"search-{role}"]
+        assert search_run.info.status == "FINISHED"
+        trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == search_run.info.run_id]
+        assert len(trials) == n_trials
+        best = [r.info.run_id for r in trials if r.data.tags.get("kdprune.best") == "true"]
+        assert len(best) == 1
+
+
+def _run_both(params, root: Path, tracker, stage=run_stage) -> None:
+    """search-teacher, teacher, search-student: the order the pipeline runs them."""
+    paths = Paths(root)
+    stage("search-teacher", params, paths, tracker, CPU)
+    run_stage("teacher", params, paths, NullTracker(), CPU)
+    stage("search-student", params, paths, tracker, CPU)
 
 
 @pytest.mark.slow
@@ -391,40 +605,48 @@ def test_dask_runner_runs_two_trials_per_study_on_a_local_cluster(search_root, m
     monkeypatch.chdir(search_root)
     path = write_params(search_root / "params.yaml", tiny_params_dict())
     params = config.load(path, ["search.enabled=true", "search.runner=dask", "search.workers=2", "search.n_trials=2",
-                                "search.epochs=1", "search.compare_epochs=1", "teacher.train.epochs=1",
+                                "search.fraction=1", "teacher.train.epochs=1",
                                 "student.train.epochs=1", "teacher.model.width=4", "student.model.width=4",
                                 "search.space.batch_size=[64, 128]", "search.space.translate={low: 0, high: 0}"])
     assert isinstance(task_runner_for(params.search), DaskTaskRunner)
     tracker = MlflowTracker(tracking_uri=mlflow_uri(search_root), experiment="dask")
 
-    best = run_search(params, Paths(search_root), tracker, CPU)
+    _run_both(params, search_root, tracker, stage=lambda name, *args: run_search(name, *args))
 
-    assert best["enabled"] is True and set(best["report"]) >= {"defaults teacher", "searched distilled"}
-    studies, stored = _check_search_outputs(search_root, n_trials=2)
-    assert stored["student"] == studies["student"].best_trial.params
-    _check_nested_runs(tracker.tracking_uri, studies, stored, n_trials=2)
+    studies = _check_search_outputs(search_root, n_trials=2)
+    _check_nested_runs(tracker.tracking_uri, studies, n_trials=2)
     # the two workers were seeded apart: no point was proposed twice
     for study in studies.values():
         assert len({json.dumps(t.params, sort_keys=True) for t in study.trials}) == 2
 
 
 @pytest.mark.slow
-def test_pareto_mode_reports_a_front_of_non_dominated_trials(search_root):
-    params = search_params({"mode": "pareto", "n_trials": 2, "space": {"width": {"low": 4, "high": 8},
-                                                                        "prune_target": {"low": 0.2, "high": 0.5}}})
+def test_pareto_mode_trains_the_most_accurate_front_point_within_the_macs_budget(search_root):
+    params = search_params({"mode": "pareto", "n_trials": 5, "max_macs": 0.6,
+                            "space": {"width": {"low": 2, "high": 8}, "prune_target": {"low": 0.1, "high": 0.7}}})
     tracker = MlflowTracker(tracking_uri=mlflow_uri(search_root), experiment="pareto")
-    best = run_stage("search", params, Paths(search_root), tracker, CPU)
+    _run_both(params, search_root, tracker)
+    best = json.loads((search_root / "search" / "student.json").read_text())
 
-    assert best["mode"] == "pareto" and {"width", "prune_target"} <= set(best["student"])
-    studies, stored = _check_search_outputs(search_root, n_trials=2)
-    _check_nested_runs(tracker.tracking_uri, studies, stored, n_trials=2)
+    assert best["mode"] == "pareto" and {"width", "prune_target"} <= set(best["point"])
+    studies = _check_search_outputs(search_root, n_trials=5)
+    _check_nested_runs(tracker.tracking_uri, studies, n_trials=5)
     complete = [t for t in studies["student"].trials if t.state == State.COMPLETE]
-    front = {t.number for t in studies["student"].best_trials}
-    values = [tuple(t.values) for t in complete]
-    assert {complete[i].number for i in search_mod.pareto_front(values)} == front
+    front = [complete[i] for i in search_mod.pareto_front([tuple(t.values) for t in complete])]
+    assert {t.number for t in front} == {t.number for t in studies["student"].best_trials}
+    budget = 0.6 * best["student_macs"]
+    assert best["max_macs"] == pytest.approx(budget)
+    within = [t for t in front if t.values[1] <= budget]
+    if within:  # the most accurate point under the budget, not the most accurate point
+        assert best["within_budget"] and best["macs"] <= budget
+        assert best["val_accuracy"] == max(t.values[0] for t in within)
+    else:
+        assert not best["within_budget"] and best["macs"] == min(t.values[1] for t in front)
     table = (search_root / "search" / "pareto.md").read_text().strip().splitlines()
-    assert len(table) == 2 + len(front)
-    # the searched student (width, prune target) reaches the training stages
+    assert len(table) == 4 + len(front)
+    (marked,) = [line for line in table if line.startswith("| **x**")]
+    assert f"| {best['trial']} |" in marked
+    # the chosen student (width, prune target) reaches the training stages
     used = effective_params(params, Paths(search_root))
-    assert used.student.model.width == best["student"]["width"]
-    assert used.prune.target == pytest.approx(best["student"]["prune_target"])
+    assert used.student.model.width == best["point"]["width"]
+    assert used.prune.target == pytest.approx(best["point"]["prune_target"])
