@@ -58,7 +58,8 @@ def test_search_on_postgres_with_two_workers_accounts_for_every_trial(search_roo
     best = run_search("search-teacher", config.parse(raw), Paths(Path(".")), NullTracker(), torch.device("cpu"))
 
     assert best["enabled"] is True
-    assert not list(search_root.rglob("*.db"))  # nothing went to a SQLite file
+    # nothing went to a SQLite file (dvc.yaml's declared study file stays an empty placeholder)
+    assert [p.stat().st_size for p in search_root.rglob("*.db")] in ([], [0])
     names = optuna.study.get_all_study_names(storage=url)
     assert len(names) == 1 and "teacher" in names[0]
     for name in names:
