@@ -275,7 +275,6 @@ def fit_with_dataloader(model: torch.nn.Module, prepared: dict, val: Split, epoc
 def run_dataloader_rows(params: config.Params, paths: stages.Paths, fit_rows: list[dict], device: torch.device,
                         workers: int) -> list[dict]:
     """(a'): the seed recipe's teacher and student again, through `fit_with_dataloader`; images/s beside (a)'s."""
-
     prepared = data_mod.load_prepared(paths.prepared)
     val, test = (Split.from_prepared(prepared, s, device) for s in ("val", "test"))
     n = len(prepared["train_y"])

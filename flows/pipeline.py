@@ -47,8 +47,8 @@ def _search(stage: str, params, paths, tracker, device) -> None:
 @flow(name="kdprune-pipeline", log_prints=True)
 def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None, device: str | None = None,
              tracking: bool = True, root: str = ".") -> dict:
-    """prepare -> search-teacher -> teacher -> search-student -> student, distill -> [compare] -> prune -> evaluate
-    -> register."""
+    """prepare -> search-teacher -> teacher -> search-student -> student, distill -> [compare] -> prune -> export
+    -> evaluate -> register."""
     exit_on_sigterm()  # scheduled runs are stopped with SIGTERM: close the MLflow runs on the way out
     overrides = list(overrides or [])
     params = config.load(params_path, overrides)
@@ -69,14 +69,17 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
         t.compare(params, paths, parent, dev)  # optional: writes {"enabled": false} unless search.compare.enabled
         # --- end search order
         t.prune(params, paths, parent, dev)
+        t.export(params, paths, parent, dev)
         report = t.evaluate(params, paths, parent, dev)
         registration = t.register(params, paths, parent, dev)
         table = paths.report_md.read_text()
-        summary = (f"{table}\nRegistry: {registration['model_name']} v{registration['version']}, "
+        summary = (f"{table}\n{paths.per_class_md.read_text()}\nConfusion matrix: {paths.confusion_png} "
+                   f"(also an artifact of this MLflow run)\n\nRegistry: {registration['model_name']} v{registration['version']}, "
                    f"{'promoted to' if registration['promoted'] else 'not promoted to'} "
                    f"@{registration['alias']}: {registration['reason']}\n")
         parent.log_metrics({f"{name}.{k}": v for name, row in report["models"].items() for k, v in row.items()})
         parent.log_text(summary, "report.md")
+        parent.log_artifact(paths.confusion_png)
         create_markdown_artifact(summary, key="kdprune-report", description=f"kdprune on {data['source']}")
     dvc_note = dvc_commit(Path(root), params_path, overrides)
     get_run_logger().info(dvc_note)

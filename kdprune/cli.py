@@ -1,4 +1,4 @@
-"""`kdprune run | stage | serve`: the command line. Errors in the user's input end as one line and exit 2."""
+"""`kdprune run | stage | serve | predict`: the command line. Errors in the user's input end as one line and exit 2."""
 
 from __future__ import annotations
 
@@ -43,7 +43,29 @@ def make_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--name", default="scheduled", help="deployment name (default: scheduled)")
     deploy.add_argument("--source", default=None,
                         help="where workers get the code: this folder (default) or a git URL they can clone")
+    predict = sub.add_parser("predict", help="print the class and probability of each image")
+    predict.add_argument("--model", default=None, metavar="models:/NAME@ALIAS | PATH",
+                         help="a registered model (MLFLOW_TRACKING_URI's registry) or a model file such as "
+                              "models/pruned.pt (default: models:/<registry.model_name>@<registry.alias> of params)")
+    predict.add_argument("-p", "--params", default="params.yaml", help="params file, for the default model")
+    predict.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a param, e.g. -S registry.alias=candidate (repeatable)")
+    predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders of them")
     return parser
+
+
+def predict_command(args: argparse.Namespace) -> None:
+    """One line per image: path, class, probability (tab-separated)."""
+    from kdprune.predict import predict
+
+    model = args.model
+    if model is None:
+        from kdprune import config
+
+        registry = config.load(args.params, args.overrides).registry
+        model = f"models:/{registry.model_name}@{registry.alias}"
+    for path, label, probability in predict(model, args.images):
+        print(f"{path}\t{label}\t{probability:.4f}")
 
 
 def tracker_for(args: argparse.Namespace):
@@ -115,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()
     args = make_parser().parse_args(argv)
     try:
+        if args.command == "predict":
+            predict_command(args)
+            return 0
         from kdprune import config
         from kdprune.stages import Paths, resolve_device
 

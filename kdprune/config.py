@@ -153,6 +153,11 @@ class EvaluateParams(Strict):
     latency_threads: int = Field(default=1, ge=1)  # intra-op threads while measuring (recorded in the report)
 
 
+class ExportParams(Strict):
+    # The export stage fails when an ONNX logit differs from torch's by more than this (on the test split).
+    tolerance: float = Field(default=1e-3, gt=0)
+
+
 class RegisterParams(Strict):
     model_name: str = Field(default="kdprune", min_length=1)
     alias: str = Field(default="champion", min_length=1)
@@ -276,6 +281,7 @@ class Params(Strict):
     distill: DistillParams = DistillParams()
     prune: PruneParams = PruneParams()
     evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
     registry: RegisterParams = RegisterParams()
     serve: ServeParams = ServeParams()
     search: SearchParams = SearchParams()

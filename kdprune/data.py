@@ -226,6 +226,23 @@ def _decode(where: str, read) -> torch.Tensor:
     return decode_image(data, where)
 
 
+def read_image(path: str | Path, channels: int, size: int) -> torch.Tensor:
+    """One image file as the prepared data holds images: uint8 `channels` x `size` x `size`.
+
+    Decoded as `prepare` decodes (alpha dropped), grey expanded to RGB as in a mixed folder, RGB converted to grey
+    (ITU-R 601 luma) for a grey model, and resized with antialiasing as `data.image_size` resizes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise KdpruneError(f"{path}: image file not found")
+    image = _decode(str(path), path.read_bytes)
+    if image.shape[0] != channels:
+        image = image.expand(channels, -1, -1) if image.shape[0] == 1 else TF.rgb_to_grayscale(image, channels)
+    if tuple(image.shape[-2:]) != (size, size):
+        image = TF.resize(image, [size, size], antialias=True)
+    return image.contiguous()
+
+
 # ---------------------------------------------------------------------------------------------- prepare
 def _split_indices(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))

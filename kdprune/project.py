@@ -57,6 +57,18 @@ class Paths:
         return self.root / "reports" / "table.md"
 
     @property
+    def per_class_json(self) -> Path:
+        return self.root / "reports" / "per_class.json"
+
+    @property
+    def per_class_md(self) -> Path:
+        return self.root / "reports" / "per_class.md"
+
+    @property
+    def confusion_png(self) -> Path:
+        return self.root / "reports" / "confusion.png"
+
+    @property
     def registration(self) -> Path:
         return self.root / "reports" / "registration.json"
 

@@ -46,7 +46,7 @@ from kdprune.errors import KdpruneError, TrainingDiverged
 from kdprune.io import write_json, write_text
 from kdprune.project import (AUGMENT_KEYS, TRAIN_KEYS, Paths, apply_point, input_spec, new_model, resolve_device,
                              make_splits, train_new)
-from kdprune.pruning import count_macs_params, prune_to_target
+from kdprune.pruning import count_macs_params, default_round_to, prune_to_target
 from kdprune.tracking import NullTracker
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -128,7 +128,7 @@ def trial_inputs(params: Params, role: str, dataset_id: str, teacher: str | None
         inputs["teacher"] = teacher
         inputs["distill"] = params.distill.model_dump(exclude={"temperature", "alpha"})  # the method and its knobs
     if pareto:
-        inputs["prune"] = {"round_to": params.prune.round_to}
+        inputs["prune"] = {"round_to": params.prune.round_to, "runtime": params.prune.runtime}
     return inputs
 
 
@@ -260,10 +260,15 @@ def run_trial(trial: optuna.Trial, setup: TrialSetup, prepared: dict, teacher: t
         except TrainingDiverged as error:
             run.set_tags({"kdprune.trial_state": "failed", "kdprune.error": str(error)})
             raise
-        else:
+        if pruned is None:
             value = history[-1]["val_accuracy"]
             if pareto:
-                value, macs = _prune_and_finetune(model, params, role, prepared, train, val, teacher, trial.number)
+                try:
+                    value, macs = _prune_and_finetune(model, params, role, prepared, train, val, teacher,
+                                                      trial.number)
+                except (InfeasiblePoint, TrainingDiverged) as error:
+                    run.set_tags({"kdprune.trial_state": "failed", "kdprune.error": str(error)})
+                    raise
                 run.log_metrics({"final_val_accuracy": value, "macs": macs})
             run.set_tags({"kdprune.trial_state": "complete"})
     if pruned is not None:
@@ -271,11 +276,19 @@ def run_trial(trial: optuna.Trial, setup: TrialSetup, prepared: dict, teacher: t
     return (value, macs) if pareto else value
 
 
+class InfeasiblePoint(Exception):
+    """A sampled point that cannot be built (a prune target the channel rounding cannot reach): a FAILED trial."""
+
+
 def _prune_and_finetune(model, params: Params, role, prepared, train, val, teacher, number: int):
     """Pareto trials: prune to the sampled target, fine-tune one epoch with KD; (val accuracy, MACs)."""
     shape, _ = input_spec(prepared)
     example = torch.zeros(1, *shape)
-    model = prune_to_target(model.cpu(), example, params.prune.target, params.prune.round_to)
+    try:
+        round_to = params.prune.round_to or default_round_to(params.prune.runtime)  # as the prune stage does
+        model = prune_to_target(model.cpu(), example, params.prune.target, round_to)
+    except KdpruneError as error:
+        raise InfeasiblePoint(str(error)) from None
     macs, _ = count_macs_params(model, example)
     model, history = train_new(model, role.train.model_copy(update={"epochs": 1, "warmup_epochs": 0}), prepared,
                                train, val, stage=f"student trial {number} fine-tune", seed=params.seed,
@@ -300,7 +313,7 @@ def optimize_worker(setup: TrialSetup, n_trials: int, worker: int = 0) -> int:
     teacher = load_model(setup.teacher_path)[0].to(setup.device) if setup.teacher_path else None
     # MaxTrialsCallback stops every worker once the study holds n_trials, however they interleave.
     study.optimize(lambda trial: run_trial(trial, setup, prepared, teacher), n_trials=n_trials,
-                   catch=(TrainingDiverged,),  # a diverged trial is FAILED; the study goes on
+                   catch=(TrainingDiverged, InfeasiblePoint),  # a FAILED trial; the study goes on
                    callbacks=[optuna.study.MaxTrialsCallback(search.n_trials, states=COUNTED)])
     return len(study.trials)
 

@@ -20,6 +20,7 @@ from kdprune import compare as compare_mod, data as data_mod, distributed, regis
 from kdprune.checkpoint import load_model, save_model
 from kdprune.config import ModelParams, Params, TrainParams
 from kdprune.io import read_json, write_json, write_text
+from kdprune.confusion import confusion_matrix, format_per_class, per_class, plot_confusion
 from kdprune.errors import KdpruneError
 from kdprune.lineage import file_hash, lineage_tags, run_context
 from kdprune.metrics import compare_latency, latency_cost, layer_channels, model_costs, pruner_clock
@@ -29,7 +30,7 @@ from kdprune.pruning import (SparsityPenalty, count_macs_params, default_round_t
                              search_within)
 from kdprune.serving import predict_pixels, with_normalization
 from kdprune.tracking import NullTracker
-from kdprune.train import Split, evaluate as evaluate_split, fit
+from kdprune.train import Split, evaluate as evaluate_split, fit, predict_logits
 
 MODEL_NAMES = ("teacher", "student", "distilled", "pruned")
 
@@ -217,8 +218,50 @@ def _sensitivity(ranked, example, cost, p, round_to, global_ranking, unit, kd, v
     return [{k: v for k, v in r.items() if k != "label"} for r in rows]
 
 
+def export(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:
+    """The pruned model, as registered and served, to ONNX; written only if its logits match torch's on the test
+    split."""
+    from kdprune.export import export_checked
+
+    served, payload = _served_pruned(params, paths)  # what is registered: with the evaluation's TTA when on
+    test_x = data_mod.load_prepared(paths.prepared)["test_x"]
+    summary = export_checked(served, tuple(payload["input_shape"]), test_x, paths.onnx, params.export.tolerance)
+    write_json(paths.stage_metrics("export"), summary)
+    tracker.log_params({"export": {"opset": summary["opset"], "tolerance": summary["tolerance"]}})
+    tracker.log_metrics({f"onnx_{k}": v for k, v in summary.items() if k in ("max_abs_diff", "top1_agreement")})
+    tracker.log_artifact(paths.onnx)
+    return summary
+
+
+def _onnx_model(paths: Paths, threads: int | None) -> torch.nn.Module:
+    """The export stage's ONNX file in an ONNX Runtime session, timed beside the torch models."""
+    from kdprune.export import OrtModel
+
+    if not paths.onnx.is_file():
+        raise KdpruneError(f"{paths.onnx}: ONNX model not found; run the export stage first")
+    return OrtModel(paths.onnx, threads=threads)
+
+
+def _per_class_report(model: torch.nn.Module, split: Split, tta: bool, classes: list[str], paths: Paths,
+                      tracker) -> dict:
+    """Per-class test accuracy and the confusion matrix of the pruned (registered) model: JSON, Markdown, PNG."""
+    predicted = predict_logits(model, split, tta=tta).argmax(1)
+    matrix = confusion_matrix(split.y, predicted, len(classes))
+    report = per_class(matrix, classes)
+    write_json(paths.per_class_json, report)
+    write_text(paths.per_class_md, format_per_class(report, "Pruned model, test split, per class"))
+    plot_confusion(matrix, classes, paths.confusion_png, "pruned model, test split")
+    tracker.log_metrics({"pruned.balanced_accuracy": report["balanced_accuracy"],
+                         **{f"pruned.class_accuracy.{name}": row["accuracy"] for name, row in report["classes"].items()
+                            if row["accuracy"] is not None}})
+    for path in (paths.per_class_json, paths.per_class_md, paths.confusion_png):
+        tracker.log_artifact(path)
+    return report
+
+
 def evaluate(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:
-    """Test accuracy and costs of every model: metrics JSON (DVC metrics) and a Markdown table."""
+    """Test accuracy and costs of every model (ONNX Runtime's beside torch's for the pruned one): metrics JSON (DVC
+    metrics), a Markdown table, and the pruned model's per-class accuracy and confusion matrix."""
     device = device or resolve_device()
     prepared = data_mod.load_prepared(paths.prepared)
     splits = {s: Split.from_prepared(prepared, s, device) for s in ("val", "test")}
@@ -234,14 +277,22 @@ def evaluate(params: Params, paths: Paths, tracker=NullTracker(), device: torch.
             "val_accuracy": round(evaluate_split(model, splits["val"], tta=tta[name])["accuracy"], 4),
             **model_costs(model, input_shape, paths.model(name)),
         }
+        if name == "pruned":
+            rows[name]["balanced_test_accuracy"] = _per_class_report(
+                model, splits["test"], tta[name], prepared["classes"], paths, tracker)["balanced_accuracy"]
         models[name] = model.cpu()
-    # all four models measured side by side (interleaved), so their latencies compare
+    # all four models and the pruned one's ONNX export measured side by side (interleaved), so their latencies compare
     e = params.evaluate
+    export_check = read_json(paths.stage_metrics("export")) if paths.onnx.is_file() else {}
+    timed = {**models, "pruned_onnx": _onnx_model(paths, e.latency_threads)}
+    rows["pruned"].update(onnx_max_abs_diff=export_check.get("max_abs_diff"),
+                          onnx_top1_agreement=export_check.get("top1_agreement"))
     for suffix, batch in (("b1", 1), ("batch", e.latency_batch)):
-        measured = compare_latency(models, input_shape, batch, e.latency_repeats, threads=e.latency_threads)
+        measured = compare_latency(timed, input_shape, batch, e.latency_repeats, threads=e.latency_threads)
         for name in models:
             rows[name][f"cpu_latency_ms_{suffix}"] = round(measured["ms"][name], 3)  # wall
             rows[name][f"cpu_time_ms_{suffix}"] = round(measured["cpu_ms"][name], 3)  # process CPU time
+        rows["pruned"][f"ort_latency_ms_{suffix}"] = round(measured["ms"]["pruned_onnx"], 3)
     clock = "cpu_time_ms" if pruner_clock(torch.device("cpu"), e.latency_threads) == "cpu_ms" else "cpu_latency_ms"
     for row in rows.values():
         row.update(latency_batch=e.latency_batch, latency_threads=measured["threads"], latency_statistic=measured["statistic"])
@@ -287,13 +338,22 @@ def format_table(report: dict) -> str:
         f"{report['dataset']['test']} test, {report['dataset']['classes']} classes, id {report['dataset']['dataset_id']})",
         "",
         f"| model | test acc | val acc | params | MACs | size (KB) | CPU ms (batch 1) | CPU ms (batch {batch}) |"
-        f"{' CPU-time ms (batch 1) | CPU-time ms (batch ' + str(batch) + ') |' if 'cpu_time_ms_b1' in first else ''}",
-        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if "cpu_time_ms_b1" in first else ""),
+        f"{' CPU-time ms (batch 1) | CPU-time ms (batch ' + str(batch) + ') |' if 'cpu_time_ms_b1' in first else ''}"
+        f" ONNX Runtime CPU ms (batch 1) | ONNX Runtime CPU ms (batch {batch}) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if "cpu_time_ms_b1" in first else "") + "---:|---:|",
     ]
     for name, r in rows.items():
+        ort = (f"{r['ort_latency_ms_b1']:.3f} | {r['ort_latency_ms_batch']:.2f}" if "ort_latency_ms_b1" in r
+               else "- | -")
         lines.append(f"| {name} | {r['test_accuracy']:.2%} | {r['val_accuracy']:.2%} | {r['params']:,} | {r['macs']:,} | "
                      f"{r['size_kb']:,} | {r['cpu_latency_ms_b1']:.3f} | {r['cpu_latency_ms_batch']:.2f} |"
-                     + (f" {r['cpu_time_ms_b1']:.3f} | {r['cpu_time_ms_batch']:.2f} |" if "cpu_time_ms_b1" in r else ""))
+                     + (f" {r['cpu_time_ms_b1']:.3f} | {r['cpu_time_ms_batch']:.2f} |" if "cpu_time_ms_b1" in r else "")
+                     + f" {ort} |")
+    pruned = rows.get("pruned", {})
+    if pruned.get("onnx_max_abs_diff") is not None:
+        lines += ["", f"ONNX export of pruned (models/pruned.onnx): max |logit difference| vs torch "
+                      f"{pruned['onnx_max_abs_diff']:.2g}, top-1 agreement {pruned['onnx_top1_agreement']:.2%} "
+                      f"(test split); balanced test accuracy {pruned['balanced_test_accuracy']:.2%}."]
     if "latency_threads" in first:
         lines += ["", f"CPU ms: wall time; CPU-time ms: the process's CPU time (with one thread on a shared CPU, the "
                       f"better estimate of an idle core). Both: {first['latency_statistic']} of interleaved repeats "
@@ -366,7 +426,8 @@ def register(params: Params, paths: Paths, tracker=NullTracker(), device: torch.
     run_ids["register"] = tracker.run_id
     tags = {**{k: (json.dumps(v) if isinstance(v, list) else v) for k, v in candidate.items()},
             **lineage_tags(params, paths.root, prepared["dataset_id"], run_ids)}
-    model = tracker.log_model(served, "model", val_x[:2].float().div(255).numpy())
+    model = tracker.log_model(served, "model", val_x[:2].float().div(255).numpy(),
+                              metadata={"classes": list(payload["classes"])})
     if paths.onnx.is_file():
         tracker.log_artifact(paths.onnx)
     with tracker.registry_lock(name):
@@ -410,8 +471,8 @@ def compare(params: Params, paths: Paths, tracker=NullTracker(), device: torch.d
 
 
 STAGES = {"prepare": prepare, "search-teacher": search_teacher, "teacher": teacher, "search-student": search_student,
-          "student": student, "distill": distill, "compare": compare, "prune": prune, "evaluate": evaluate,
-          "register": register}
+          "student": student, "distill": distill, "compare": compare, "prune": prune, "export": export,
+          "evaluate": evaluate, "register": register}
 SEARCH_STAGES = {"search-teacher": "teacher", "search-student": "student"}
 
 

@@ -42,7 +42,7 @@ class NullTracker:
     def log_text(self, text: str, name: str) -> None: ...
     def set_tags(self, tags: dict) -> None: ...
 
-    def log_model(self, model, name: str, input_example) -> dict | None:
+    def log_model(self, model, name: str, input_example, metadata: dict | None = None) -> dict | None:
         return None
 
     def champion(self, model_name: str, alias: str) -> dict | None:
@@ -153,13 +153,14 @@ class MlflowTracker:
     def log_text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, text, name)
 
-    def log_model(self, model, name: str, input_example) -> dict:
-        """Log a PyTorch model (torch.export format; signature inferred from the example): its URI and model id."""
+    def log_model(self, model, name: str, input_example, metadata: dict | None = None) -> dict:
+        """Log a PyTorch model (torch.export format; signature inferred from the example; `metadata`, such as the
+        class names, kept in its MLmodel file): its URI and model id."""
         import torch
 
         with self._mlflow.start_run(run_id=self.run_id):
             info = self._mlflow.pytorch.log_model(
-                model, name=name, input_example=input_example,
+                model, name=name, input_example=input_example, metadata=metadata,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             )
         self.client.update_run(self.run_id, status="RUNNING")  # start_run's exit marked it finished
@@ -301,3 +302,55 @@ def eval_safe(model):
         return model
     except NotImplementedError:
         return ExportedModel(model)
+
+
+class RegisteredModel:
+    """A registry model loaded for prediction through MLflow's pyfunc loader (what `mlflow models serve` runs)."""
+
+    def __init__(self, uri: str, pyfunc_model):
+        self.uri = uri
+        self._model = pyfunc_model
+        shape = pyfunc_model.metadata.get_input_schema().inputs[0].shape  # (-1, C, H, W)
+        self.input_shape = tuple(int(d) for d in shape[1:])
+        n_classes = int(pyfunc_model.metadata.get_output_schema().inputs[0].shape[-1])
+        self.classes = list((pyfunc_model.metadata.metadata or {}).get("classes") or map(str, range(n_classes)))
+
+    def logits(self, images):
+        """Float N x C x H x W images in [0, 1] (numpy) -> N x classes logits (numpy)."""
+        return self._model.predict(images)
+
+
+def load_registered_model(model_uri: str, tracking_uri: str | None = None) -> RegisteredModel:
+    """Load `models:/NAME@ALIAS` or `models:/NAME/VERSION` from the registry; every problem is one KdpruneError line.
+
+    Reads only: a missing SQLite store is an error, not a new empty one.
+    """
+    from kdprune.errors import KdpruneError
+
+    tracking_uri = tracking_uri or default_tracking_uri()
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        raise KdpruneError(f"{model_uri}: no MLflow store at {tracking_uri} (set MLFLOW_TRACKING_URI)")
+    name, sep, alias = model_uri.removeprefix("models:/").partition("@")
+    name, slash, version = name.partition("/") if not sep else (name, "", "")
+    if not model_uri.startswith("models:/") or not name or not (alias or version):
+        raise KdpruneError(f"{model_uri}: expected a model URI models:/NAME@ALIAS or models:/NAME/VERSION, or a file")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        raise KdpruneError(f"{model_uri}: no registered model {name!r} in {tracking_uri}") from None
+    try:
+        client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException:
+        what = f"alias {alias!r}" if alias else f"version {version!r}"
+        raise KdpruneError(f"{model_uri}: registered model {name!r} has no {what}") from None
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        return RegisteredModel(model_uri, mlflow.pyfunc.load_model(model_uri))
+    except MlflowException as error:
+        raise KdpruneError(f"{model_uri}: cannot be loaded ({str(error).splitlines()[0]})") from None

@@ -36,7 +36,7 @@ os.environ.pop("KDPRUNE_PARENT_RUN_ID", None)
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-CORE_STAGES = ("prepare", "teacher", "student", "distill", "prune", "evaluate", "register")
+CORE_STAGES = ("prepare", "teacher", "student", "distill", "prune", "export", "evaluate", "register")
 
 
 def tiny_params_dict(**sections) -> dict:

@@ -91,7 +91,7 @@ def dvc_repo(tmp_path_factory) -> Path:
 def test_dvc_pipeline(dvc_repo):
     repo = dvc_repo
     stages = set(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
-    core = {"prepare", "teacher", "student", "distill", "prune", "evaluate", "register"}
+    core = {"prepare", "teacher", "student", "distill", "prune", "export", "evaluate", "register"}
     assert core <= stages
 
     # 1. repro runs every stage
@@ -99,7 +99,8 @@ def test_dvc_pipeline(dvc_repo):
     assert ran_stages(first) == stages, first
     outs = cached_outs(repo)
     assert {p.relative_to(repo).as_posix() for p in outs} >= {
-        "data/prepared.pt", "models/teacher.pt", "models/student.pt", "models/distilled.pt", "models/pruned.pt"}
+        "data/prepared.pt", "models/teacher.pt", "models/student.pt", "models/distilled.pt", "models/pruned.pt",
+        "models/pruned.onnx"}
     assert all(p.is_file() for p in outs)
     assert (repo / "reports" / "metrics.json").is_file() and (repo / "reports" / "registration.json").is_file()
     assert (repo / "dvc.lock").is_file()
@@ -130,7 +131,7 @@ def test_dvc_pipeline(dvc_repo):
     status = run(["dvc", "status"], repo)
     assert "distill" in status and "teacher:" not in status and "student:" not in status
     third = run(["dvc", "repro"], repo)
-    assert ran_stages(third) == {"compare", "distill", "prune", "evaluate", "register"}, third
+    assert ran_stages(third) == {"compare", "distill", "prune", "export", "evaluate", "register"}, third
     assert digest(repo / "models" / "teacher.pt") == hashes[repo / "models" / "teacher.pt"]
     assert digest(repo / "models" / "student.pt") == hashes[repo / "models" / "student.pt"]
     assert digest(repo / "models" / "distilled.pt") != hashes[repo / "models" / "distilled.pt"]
@@ -190,7 +191,7 @@ def test_exp_run_is_visible_to_exp_show_and_keeps_params_yaml(team_repo):
     repo = team_repo
     output = run(["dvc", "exp", "run", "--temp", "-n", "t2", "-S", "distill.temperature=2"], repo)
     # compare reads distill too; disabled, it writes the same compare.json; the teacher and student stay
-    assert ran_stages(output) == {"compare", "distill", "prune", "evaluate", "register"}, output
+    assert ran_stages(output) == {"compare", "distill", "prune", "export", "evaluate", "register"}, output
     shown = _experiments(json.loads(run(["dvc", "exp", "show", "--json"], repo)))
     head = run(["git", "rev-parse", "HEAD"], repo).strip()
     baseline, experiment = shown[head], shown["t2"]

@@ -27,6 +27,9 @@ def test_dvc_stage_runs_are_tagged_and_grouped(tmp_path):
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {k: stages[k] for k in ("prepare", "search-teacher")}}))
     shutil.copytree(REPO / "kdprune", repo / "kdprune", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(REPO / "datasets", repo / "datasets")
+    if (REPO / ".dvcignore").is_file():
+        shutil.copy2(REPO / ".dvcignore", repo / ".dvcignore")
     raw = tiny_params_dict(search={"enabled": False})
     # every key the search stage lists in dvc.yaml must be in params.yaml (DVC's rule)
     raw["teacher"]["train"].update(beta2=0.999, hypergrad_lr=1e-4, norm_lr_scale=1.0, ema=None)

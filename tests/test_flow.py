@@ -65,7 +65,11 @@ def test_pipeline_flow_end_to_end(prefect_harness, workdir):
 
     client = MlflowClient(mlflow_uri(workdir))
     parent_artifacts = [a.path for a in client.list_artifacts(parent_id)]
-    assert "report.md" in parent_artifacts
+    assert "report.md" in parent_artifacts and "confusion.png" in parent_artifacts
+    evaluate_artifacts = [a.path for a in client.list_artifacts(by_name["evaluate"].info.run_id)]
+    assert {"confusion.png", "per_class.json", "per_class.md"} <= set(evaluate_artifacts)
+    assert "pruned.class_accuracy.0" in by_name["evaluate"].data.metrics
+    assert "pruned.onnx" in [a.path for a in client.list_artifacts(by_name["export"].info.run_id)]
 
     # the registry holds a version with the champion alias, registered from the register stage's run
     name = tiny_params_dict()["registry"]["model_name"]
@@ -78,6 +82,7 @@ def test_pipeline_flow_end_to_end(prefect_harness, workdir):
     reports = [a for a in artifacts if a.key == "kdprune-report"]
     assert len(reports) == 1 and reports[0].type == "markdown"
     assert "| pruned |" in reports[0].data and "champion" in reports[0].data
+    assert "ONNX Runtime CPU ms" in reports[0].data and "per class" in reports[0].data
 
 
 def test_flow_with_bad_params_fails_without_runs(prefect_harness, workdir):

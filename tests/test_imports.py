@@ -11,13 +11,13 @@ import pytest
 
 from conftest import REPO, subprocess_env
 
-HEAVY = ("prefect", "mlflow", "dvc")
+HEAVY = ("prefect", "mlflow", "dvc", "onnx", "onnxruntime", "onnxscript", "matplotlib")
 STEPS = {
     "kdprune": "import kdprune",
     "stages+cli": "import kdprune.stages, kdprune.cli",
     "core": "import kdprune.config, kdprune.data, kdprune.models, kdprune.train, kdprune.pruning, "
             "kdprune.checkpoint, kdprune.losses, kdprune.metrics, kdprune.tracking, kdprune.registry, "
-            "kdprune.serving, kdprune.lineage",
+            "kdprune.serving, kdprune.lineage, kdprune.export, kdprune.predict, kdprune.confusion",
     "parser": "kdprune.cli.make_parser()",
     # the control: importing a pipeline tool does show up, so the check can fail
     "control": "import mlflow",

@@ -278,6 +278,25 @@ def test_a_diverging_trial_fails_and_the_study_goes_on(search_root):
     assert not [r for r in runs.values() if r.info.status == "RUNNING"]
 
 
+def test_a_pareto_point_whose_prune_target_cannot_be_reached_fails_and_the_study_goes_on(search_root, monkeypatch):
+    params = search_params({"mode": "pareto", "n_trials": 2, "space": {"width": {"low": 4, "high": 4}}})
+    setup = trial_setup(params, search_root, role="student")
+    study = search_mod.create_study(setup.study_name, setup.storage, params.search, "student")
+    real = search_mod.prune_to_target
+    targets = iter([None, "ok", "ok"])
+
+    def first_unreachable(model, example, target, round_to):
+        if next(targets) is None:
+            raise KdpruneError(f"prune.target: could not remove {target:.0%} of MACs (reached 1%)")
+        return real(model, example, target, round_to)
+
+    monkeypatch.setattr(search_mod, "prune_to_target", first_unreachable)
+    search_mod._run_study(setup, search_mod.run_in_threads)
+    assert [t.state for t in load_trials(setup)] == [State.FAIL, State.COMPLETE]  # the study went on
+    search_mod._run_study(setup, search_mod.run_in_threads)  # a rerun replaces the failed trial
+    assert [t.state for t in load_trials(setup)] == [State.FAIL, State.COMPLETE, State.COMPLETE]
+
+
 def test_search_with_every_teacher_trial_diverging_is_one_error_line(search_root):
     params = search_params({"space": {"optimizer": ["sgd"], "lr": {"low": 1e6, "high": 1e7, "log": True},
                                       "batch_size": [128]}})
