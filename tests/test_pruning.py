@@ -130,8 +130,9 @@ def test_latency_target_is_reached_within_tolerance():
     cost = latency_cost(model, shape, batch=64, repeats=7)
     found = search_within(model, torch.zeros(1, *shape), cost, goal=0.5, tolerance=0.15)
     assert 0.35 <= found.cost <= 0.5
-    ms = compare_latency({"base": model, "pruned": found.model}, shape, batch=64, repeats=15)["ms"]
-    assert 0.25 <= ms["pruned"] / ms["base"] <= 0.65  # generous: a shared CPU makes single figures noisy
+    # process CPU time on one thread (what the search itself uses): other jobs on a shared CPU do not inflate it
+    ms = compare_latency({"base": model, "pruned": found.model}, shape, batch=64, repeats=15, threads=1)["cpu_ms"]
+    assert 0.25 <= ms["pruned"] / ms["base"] <= 0.65
 
 
 @pytest.mark.parametrize("steps", [1, 3])
