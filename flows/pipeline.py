@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from kdprune import config
-from kdprune.cli import exit_on_sigterm
+from kdprune.signals import exit_on_sigterm
 from kdprune.errors import KdpruneError
 from kdprune.lock import project_lock
 from kdprune.search import open_storage
@@ -134,10 +134,12 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
     return {"report": report, "registration": registration, "dvc": dvc_note, "not_logged": tracker.not_logged()}
 
 
-def serve(params_path: str, cron: str) -> None:
+def serve(params_path: str, cron: str, overrides: list[str] | None = None, device: str | None = None,
+          tracking: bool = True) -> None:
     """Serve the pipeline on `cron` against a real Prefect server (schedules do not fire on the temporary one)."""
     if not os.environ.get("PREFECT_API_URL"):
         raise KdpruneError("serve needs a Prefect server: run scripts/prefect-server.sh and set "
                            "PREFECT_API_URL=http://127.0.0.1:4200/api (see README)")
     pipeline.serve(name="kdprune-scheduled", cron=cron,
-                   parameters={"params_path": str(Path(params_path).resolve()), "root": str(Path.cwd())})
+                   parameters={"params_path": str(Path(params_path).resolve()), "root": str(Path.cwd()),
+                               "overrides": list(overrides or []), "device": device, "tracking": tracking})

@@ -11,14 +11,13 @@ import os
 import sys
 from pathlib import Path
 
+from kdprune import distributed
 from kdprune.errors import KdpruneError
+from kdprune.signals import exit_on_sigterm
+from kdprune.telemetry import switch_off as telemetry_off
 
-TELEMETRY_OFF = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DVC_NO_ANALYTICS": "1",
-}
+
+DATA_PARALLEL_STAGES = ("teacher", "student", "distill", "prune")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +42,13 @@ def make_parser() -> argparse.ArgumentParser:
     _common(stage)
     serve = sub.add_parser("serve", help="serve the pipeline on params' serve.cron against a Prefect server")
     _common(serve)
+    deploy = sub.add_parser("deploy", help="deploy the pipeline on a Prefect work pool (serve.cron schedule); "
+                                           "`prefect worker start --pool POOL` processes run it")
+    _common(deploy)
+    deploy.add_argument("--pool", default="kdprune", help="work pool (created as type process if missing)")
+    deploy.add_argument("--name", default="scheduled", help="deployment name (default: scheduled)")
+    deploy.add_argument("--source", default=None,
+                        help="where workers get the code: this folder (default) or a git URL they can clone")
     predict = sub.add_parser("predict", help="print the class and probability of each image")
     predict.add_argument("--model", default=None, metavar="models:/NAME@ALIAS | PATH",
                          help="a registered model (MLFLOW_TRACKING_URI's registry) or a model file such as "
@@ -79,7 +85,7 @@ def tracker_for(args: argparse.Namespace):
     from kdprune.lineage import dvc_context, dvc_invocation, run_context
     from kdprune.tracking import MlflowTracker, NullTracker
 
-    if not tracking_on(args):
+    if not tracking_on(args) or not distributed.is_main():  # under torchrun only rank 0 logs
         return NullTracker()
     tracker = MlflowTracker(run_id=os.environ.get("KDPRUNE_PARENT_RUN_ID") or None)
     key = None if tracker.run_id else dvc_invocation()
@@ -90,10 +96,31 @@ def tracker_for(args: argparse.Namespace):
     return tracker
 
 
+def project_drivers() -> bool:
+    """Make the Prefect drivers importable; False when they are absent.
+
+    flows/ and tasks/ are folders of the project checkout beside kdprune/, not installed packages (generic
+    top-level names like `tasks` would shadow, or be shadowed by, a user's own modules): the checkout goes first
+    on sys.path of the kdprune process, whose workers inherit it.
+    """
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "flows" / "pipeline.py").is_file():
+        return False
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return True
+
+
+def _drivers() -> None:
+    if not project_drivers():
+        raise KdpruneError("run, serve and deploy need the project checkout (flows/ beside kdprune/): "
+                           "install it with `pip install -e .` from a clone")
+
+
 def _run_one_stage(name, params, paths, tracker, device) -> dict:
     from kdprune.stages import SEARCH_STAGES, run_stage
 
-    if name in SEARCH_STAGES and params.search.enabled:
+    if name in SEARCH_STAGES and params.search.enabled and project_drivers():
         try:  # trial workers on Prefect's task runner (threads, processes or Dask) when Prefect is installed
             from flows.search import run_search
         except ImportError:
@@ -102,13 +129,17 @@ def _run_one_stage(name, params, paths, tracker, device) -> dict:
     return run_stage(name, params, paths, tracker, device)
 
 
-def exit_on_sigterm() -> None:
-    """Turn SIGTERM into SystemExit so open tracking runs are closed (marked FAILED), never left RUNNING."""
-    import signal
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+def _distributed_setup(args: argparse.Namespace, params, device):
+    """Under torchrun (WORLD_SIZE > 1): only training stages, each rank on its device in one process group."""
+    if distributed.world_size() > 1 and getattr(args, "name", None) not in DATA_PARALLEL_STAGES:
+        what = " ".join([args.command, getattr(args, "name", "")]).strip()
+        raise KdpruneError(f"torchrun runs only the training stages ({', '.join(DATA_PARALLEL_STAGES)}): "
+                           f"run `kdprune {what}` without it")
+    if distributed.world_size() > 1 and args.name == "prune" and params.prune.latency_target is not None:
+        # each rank would time its own copy and could cut different channels: the ranks' models would not match
+        raise KdpruneError("prune.latency_target measures latency in each process: run the prune stage without "
+                           "torchrun (or prune to prune.target, a MACs fraction)")
+    return distributed.setup(device)
 
 
 def os_error_line(error: OSError) -> str:
@@ -122,27 +153,43 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "predict":
         predict_command(args)
         return 0
+    from contextlib import nullcontext
+
     from kdprune import config
     from kdprune import data as data_mod
     from kdprune.lock import project_lock
     from kdprune.stages import Paths, resolve_device
 
     params = config.load(args.params, args.overrides)
-    device = resolve_device(args.device)
+    device = _distributed_setup(args, params, resolve_device(args.device))
     if args.command == "serve":
+        _drivers()
         from flows.pipeline import serve
 
-        serve(args.params, params.serve.cron)
+        serve(args.params, params.serve.cron, args.overrides, args.device, tracking=tracking_on(args))
+        return 0
+    if args.command == "deploy":
+        _drivers()
+        from flows.deployment import deploy
+
+        deployment_id = deploy(args.params, args.overrides, params.serve.cron, pool=args.pool, name=args.name,
+                               source=args.source, device=args.device, tracking=tracking_on(args))
+        print(f"deployment kdprune-pipeline/{args.name} ({deployment_id}) on work pool {args.pool!r}, "
+              f"cron {params.serve.cron!r}; start workers with: prefect worker start --pool {args.pool}")
         return 0
     if args.command == "run" or args.name == "prepare":
         data_mod.check_source(params.data)  # a missing path or unreadable archive fails before any server starts
-    with project_lock(Path("."), f"kdprune {args.command}" + (f" {args.name}" if args.command == "stage" else "")):
+    what = f"kdprune {args.command}" + (f" {args.name}" if args.command == "stage" else "")
+    # under torchrun, rank 0 holds the project lock for all the ranks of its stage
+    with project_lock(Path("."), what) if distributed.is_main() else nullcontext():
         tracker = tracker_for(args)  # MLflow's store is checked here: an unreachable one fails in seconds
         tracker.close_orphans()  # runs left RUNNING by a killed kdprune process
         if args.command == "stage":
             summary = _run_one_stage(args.name, params, Paths(Path(".")), tracker, device)
-            print(f"{args.name}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict)))
+            if distributed.is_main():
+                print(f"{args.name}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict)))
         else:
+            _drivers()
             from flows.pipeline import run_pipeline
 
             run_pipeline(params_path=args.params, overrides=args.overrides, device=str(device),
@@ -155,8 +202,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    for key, value in TELEMETRY_OFF.items():
-        os.environ.setdefault(key, value)
+    telemetry_off()
     exit_on_sigterm()
     args = make_parser().parse_args(argv)
     args.debug = args.debug or os.environ.get("KDPRUNE_DEBUG", "").lower() in ("1", "true", "on")

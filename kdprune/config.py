@@ -266,6 +266,10 @@ class SearchParams(Strict):
     def _dask_address(self) -> SearchParams:
         if self.dask_address and self.runner != "dask":
             raise ValueError(f"search.dask_address is set but search.runner is {self.runner!r}, not 'dask'")
+        if self.dask_address and (self.storage is None or self.storage.startswith("sqlite")):
+            # workers on other machines cannot open this machine's SQLite file (and SQLite locks over NFS are unsafe)
+            raise ValueError("search.dask_address needs a study storage every Dask worker can reach: set "
+                             "search.storage to a database server URL (postgresql://...), not SQLite")
         return self
 
 

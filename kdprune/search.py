@@ -406,8 +406,10 @@ def search(role: str, params: Params, paths: Paths, tracker=NullTracker(), devic
     name = study_name(params, role, prepared["dataset_id"], file_fingerprint(teacher_path) if teacher_path else None)
     tracker.log_params({"search": params.search.model_dump(exclude={"space"}), "study": name,
                         "storage": redact(url)})
-    setup = TrialSetup(params=params, role=role, study_name=name, storage=url, prepared_path=paths.prepared,
-                       teacher_path=teacher_path, device=str(device), tracker=tracker)
+    # absolute paths: process and Dask workers need not share this process's working directory
+    setup = TrialSetup(params=params, role=role, study_name=name, storage=url, prepared_path=paths.prepared.resolve(),
+                       teacher_path=teacher_path.resolve() if teacher_path else None, device=str(device),
+                       tracker=tracker)
     if not params.search.storage:
         paths.search_dir.mkdir(parents=True, exist_ok=True)
     study = _run_study(setup, run_workers)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from kdprune import compare as compare_mod, data as data_mod, registry, search as search_mod
+from kdprune import compare as compare_mod, data as data_mod, distributed, registry, search as search_mod
 from kdprune.checkpoint import load_model, save_model
 from kdprune.config import ModelParams, Params, TrainParams
 from kdprune.confusion import confusion_matrix, format_per_class, per_class, plot_confusion
@@ -67,6 +67,8 @@ def _train_and_save(name: str, model: ModelParams | torch.nn.Module, spec: dict,
     summary = {"val_accuracy": history[-1]["val_accuracy"], "val_loss": history[-1]["val_loss"],
                "train_seconds": round(seconds, 2), "epochs": len(history), "macs": macs, "params": n_params,
                **(extra or {})}
+    if not distributed.is_main():  # under torchrun every rank trained the same weights; rank 0 writes them
+        return summary
     save_model(paths.model(name), model, spec, input_shape, prepared["classes"],
                extra={"val_accuracy": summary["val_accuracy"], "dataset_id": prepared["dataset_id"],
                       "mean": prepared["mean"].tolist(), "std": prepared["std"].tolist()})

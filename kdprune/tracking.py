@@ -130,7 +130,9 @@ class MlflowTracker:
     """Logs to MLflow by explicit run id (safe across Prefect's worker threads)."""
 
     def __init__(self, tracking_uri: str | None = None, experiment: str | None = None, run_id: str | None = None):
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        from kdprune.telemetry import switch_off
+
+        switch_off()  # also when used as a library, before mlflow is imported
         for key, value in HTTP_RETRY_DEFAULTS.items():
             os.environ.setdefault(key, value)
         self.tracking_uri = tracking_uri or default_tracking_uri()

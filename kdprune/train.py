@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdprune import distributed
 from kdprune.augment import augment
 from kdprune.config import DistillParams, TrainParams
 from kdprune.errors import TrainingDiverged
@@ -112,7 +113,9 @@ def fit(
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True  # steady shapes: let cuDNN pick its fastest kernels once
-    batch_size = min(params.batch_size, len(train))
+    # under torchrun: this rank's shard of the train split and its share of the batch (no-ops otherwise)
+    train = Split(*distributed.shard(train.x, train.y), train.mean, train.std)
+    batch_size = min(distributed.local_batch(params.batch_size), len(train))
     steps_per_epoch = max(1, len(train) // batch_size)  # drop the last partial batch: steady shapes
     ema = None
     if params.ema is not None:
@@ -125,7 +128,8 @@ def fit(
                               steps_per_epoch)
     # the distiller's adapters (if any) learn with the student, under the same optimizer and schedule
     optimizer = build_optimizer(model if distiller is None else nn.ModuleList([model, distiller.trainable]), params)
-    step_model = torch.compile(model) if params.compile else model
+    step_model = distributed.wrap(model)  # under torchrun: DDP averages the gradients (no-op otherwise)
+    step_model = torch.compile(step_model) if params.compile else step_model
     total_steps = steps_per_epoch * params.epochs
     warmup_steps = int(params.warmup_epochs * steps_per_epoch)
     history: list[dict] = []
@@ -157,6 +161,8 @@ def fit(
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=params.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if distiller is not None:  # adapters live outside the DDP model: average their gradients here
+                distributed.average_gradients(distiller.trainable)
             if after_backward is not None:
                 after_backward(model)
             optimizer.step()
@@ -165,7 +171,7 @@ def fit(
             loss_sum += loss.detach()
             correct += (logits.detach().argmax(1) == y).sum()
             step += 1
-        train_loss = (loss_sum / steps_per_epoch).item()  # one sync per epoch
+        train_loss = distributed.mean(loss_sum / steps_per_epoch).item()  # one sync per epoch
         if not torch.isfinite(torch.tensor(train_loss)):
             raise TrainingDiverged(f"{stage}: loss became {train_loss} at epoch {epoch}")
         scored = ema.module if ema is not None else model
@@ -182,7 +188,7 @@ def fit(
         history.append(row)
         if bar is not None:
             bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{row['val_accuracy']:.3f}")
-        else:
+        elif distributed.is_main():
             print(f"{stage} epoch {epoch}/{params.epochs}: train_loss={train_loss:.4f} "
                   f"val_loss={row['val_loss']:.4f} val_accuracy={row['val_accuracy']:.4f} ({row['seconds']:.1f}s)",
                   file=sys.stderr, flush=True)

@@ -17,12 +17,8 @@ import pytest
 import yaml
 
 # Telemetry off and every tool's state in temporary folders, before anything imports Prefect, MLflow or DVC.
-TELEMETRY_OFF = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DVC_NO_ANALYTICS": "1",
-}
+from kdprune.telemetry import TELEMETRY_OFF  # noqa: E402 - the one definition; importing kdprune is light
+
 os.environ.update(TELEMETRY_OFF)
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="kdprune-tests-"))
 atexit.register(shutil.rmtree, _SESSION_TMP, ignore_errors=True)
@@ -226,3 +222,16 @@ def project(trained_project, workdir) -> Path:
         else:
             shutil.copy2(child, target)
     return workdir
+
+
+# ------------------------------------------------------------------------------------- real PostgreSQL
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL 15 server on 127.0.0.1 (a free port) in a temporary folder, for the whole session."""
+    from servers import Postgres, postgres_available
+
+    if not postgres_available():
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not on PATH")
+    server = Postgres().start()
+    yield server
+    server.stop()

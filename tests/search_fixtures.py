@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from conftest import deep_update, tiny_params_dict
+from kdprune.telemetry import TELEMETRY_OFF
 
 # Telemetry off, no progress bars; Prefect's home in a temporary folder (conftest sets one first when loaded).
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="kdprune-search-prefect-"))
-os.environ.update({"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true",
-                   "MLFLOW_DISABLE_TELEMETRY": "true", "CI": "1"})
+os.environ.update({**TELEMETRY_OFF, "CI": "1"})
 
 # A small space: every point trains in about a second on digits with the tiny models.
 SMALL_SPACE = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -44,3 +45,39 @@ def test_core_imports_no_pipeline_tools(heavy_after_each_step, step):
 
 def test_the_check_sees_a_pipeline_tool_when_imported(heavy_after_each_step):
     assert "mlflow" in heavy_after_each_step["control"]
+
+
+# ------------------------------------------------------------------------------------------- structure
+def test_the_flow_does_not_import_the_cli_back():
+    """The drivers share helpers through the core (kdprune.signals), not through each other."""
+    code = "import sys, flows.pipeline; print('kdprune.cli' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_only_kdprune_is_installed_not_generic_flows_or_tasks_packages():
+    import setuptools
+    import tomllib
+
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = setuptools.find_packages(str(REPO), include=include)
+    assert "kdprune" in packages and not [p for p in packages if p.split(".")[0] in ("flows", "tasks")]
+
+
+def test_telemetry_switches_have_one_definition_that_env_sh_exports():
+    from kdprune.telemetry import TELEMETRY_OFF
+
+    env = {k: v for k, v in subprocess_env().items() if k not in TELEMETRY_OFF}
+    done = subprocess.run(["bash", "-c", "source scripts/env.sh && env"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    exported = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+    assert {k: exported.get(k) for k in TELEMETRY_OFF} == TELEMETRY_OFF
+    # and nowhere else in the project's code are they spelled out
+    for path in [*REPO.glob("kdprune/*.py"), *REPO.glob("flows/*.py"), *REPO.glob("tests/*.py"),
+                 *REPO.glob("scripts/*.sh")]:
+        if path.name not in ("telemetry.py", Path(__file__).name):
+            assert "MLFLOW_DISABLE_TELEMETRY=" not in path.read_text() and \
+                '"MLFLOW_DISABLE_TELEMETRY":' not in path.read_text(), path
