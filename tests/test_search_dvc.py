@@ -41,6 +41,8 @@ def dvc_search_repo(tmp_path) -> Path:
     repo.mkdir()
     shutil.copytree(REPO / "kdprune", repo / "kdprune", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copy2(REPO / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copytree(REPO / "datasets", repo / "datasets")  # prepare depends on it
+    shutil.copy2(REPO / ".dvcignore", repo / ".dvcignore")
     shipped = yaml.safe_load((REPO / "params.yaml").read_text())
     raw = deep_update(deep_update(shipped, TINY), {"search": search_raw()["search"]})
     for role in ("teacher", "student"):
@@ -77,4 +79,5 @@ def test_dvc_reruns_a_study_exactly_when_what_its_trials_read_changes(dvc_search
     # the code the trials run
     with (repo / "kdprune" / "optim.py").open("a") as f:
         f.write("\n# an edit to the optimizers\n")
-    assert ran_stages(run(["dvc", "repro", "search-teacher"], repo)) == {"search-teacher"}
+    # prepare depends on the whole kdprune package (dvc.yaml), so it reruns too
+    assert ran_stages(run(["dvc", "repro", "search-teacher"], repo)) == {"prepare", "search-teacher"}
