@@ -21,7 +21,7 @@ import torch
 
 from kdprune import config
 from kdprune.export import OrtModel
-from kdprune.stages import Paths, _served_pruned
+from kdprune.stages import Paths, served_pruned
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     params = config.load(args.params, args.overrides)
     paths = Paths(Path("."))
     torch.set_num_threads(args.threads)
-    served, payload = _served_pruned(params, paths)
+    served, payload = served_pruned(params, paths)
     models = {"torch": served, "onnxruntime": OrtModel(paths.onnx, threads=args.threads)}
     shape = tuple(payload["input_shape"])
     print(f"pruned model, input {shape}, {args.threads} thread(s), {args.repeats} interleaved repeats, "

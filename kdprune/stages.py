@@ -223,7 +223,7 @@ def export(params: Params, paths: Paths, tracker=NullTracker(), device: torch.de
     split."""
     from kdprune.export import export_checked
 
-    served, payload = _served_pruned(params, paths)  # what is registered: with the evaluation's TTA when on
+    served, payload = served_pruned(params, paths)  # what is registered: with the evaluation's TTA when on
     test_x = data_mod.load_prepared(paths.prepared)["test_x"]
     summary = export_checked(served, tuple(payload["input_shape"]), test_x, paths.onnx, params.export.tolerance)
     write_json(paths.stage_metrics("export"), summary)
@@ -377,7 +377,7 @@ def format_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _served_pruned(params: Params, paths: Paths) -> tuple[torch.nn.Module, dict]:
+def served_pruned(params: Params, paths: Paths) -> tuple[torch.nn.Module, dict]:
     """The pruned model as it is registered: normalising, and with the evaluation's flip TTA when that was on."""
     model, payload = load_model(paths.model("pruned"))
     return with_normalization(model, payload["extra"]["mean"], payload["extra"]["std"],
@@ -410,7 +410,7 @@ def register(params: Params, paths: Paths, tracker=NullTracker(), device: torch.
     Reading the champion, registering and moving the alias happen under the registry lock, so concurrent runs
     decide one after the other, each against the champion of that moment.
     """
-    served, payload = _served_pruned(params, paths)
+    served, payload = served_pruned(params, paths)
     where = paths.report_json
     report = read_json(where, "the evaluate stage's report")
     prepared = data_mod.load_prepared(paths.prepared)
