@@ -85,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"CPU check: the cpu-quick profile (its 5,000 / 1,000-image subset) and "
                              f"{QUICK_SEED_EPOCHS} epochs for the seed's recipe")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a value of the profile, as `kdprune -S` does (repeatable), "
+                             "e.g. -S distill.alpha=0.5")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "bench.json", help="JSON results")
     parser.add_argument("--train-fraction", type=float, nargs="+", default=None, metavar="F",
                         help="run the limited-data sweep instead: these fractions (0 < F <= 1) of the profile's "
@@ -110,10 +113,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------------------------- recipes
-def load_profile(path: Path, data: Path) -> tuple[dict, config.Params]:
-    """The profile with its data pointed at `data` (always through the imagefolder source)."""
+def load_profile(path: Path, data: Path, overrides: list[str] = ()) -> tuple[dict, config.Params]:
+    """The profile with `overrides` (KEY=VALUE) applied and its data pointed at `data` (always through the
+    imagefolder source)."""
     raw = yaml.safe_load(path.read_text()) or {}
-    raw = config.apply_overrides(raw, ["data.source=imagefolder", f"data.path={json.dumps(str(data))}"])
+    raw = config.apply_overrides(raw, [*overrides, "data.source=imagefolder", f"data.path={json.dumps(str(data))}"])
     return raw, config.parse(raw, str(path))
 
 
@@ -456,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data.exists():
         print(f"bench: {args.data}: not found (pass --data)", file=sys.stderr)
         return 2
-    profile_raw, params = load_profile(args.profile, args.data)
+    profile_raw, params = load_profile(args.profile, args.data, args.set)
     if args.train_fraction:
         return run_sweep(args, profile_raw, device)
     seed_params = seed_recipe(profile_raw, args.quick)

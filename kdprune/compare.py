@@ -5,6 +5,8 @@ batch of 32 takes 8x the steps of 256. One timed epoch of each recipe sets how m
 schedule and warm-up scaled to them); then each recipe trains with `search.compare.seeds` seeds and the report
 gives the test accuracy's mean and standard deviation. Test accuracy is only reported here, never used to choose.
 Both students distil from the pipeline's trained teacher, so the student rows compare the student recipes alone.
+Each row states its model's MACs: in pareto mode the searched student is a narrower point of the front, so its
+rows compare accuracy at a different cost (it is compared unpruned; the prune stage then cuts it further).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from kdprune import data as data_mod
 from kdprune.checkpoint import load_model
 from kdprune.config import Params
 from kdprune.io import write_json, write_text
-from kdprune.project import Paths, apply_point, effective_params, make_splits, train_new
+from kdprune.project import Paths, apply_point, effective_params, input_spec, make_splits, train_new
+from kdprune.pruning import count_macs_params
 from kdprune.tracking import NullTracker
 from kdprune.train import evaluate
 
@@ -37,6 +40,7 @@ def compare(params: Params, paths: Paths, tracker=NullTracker(), device: torch.d
     train, val, test = make_splits(prepared, device, ("train", "val", "test"))
     teacher_model, _ = load_model(paths.model("teacher"))
     recipes = {"defaults": params, "searched": effective_params(params, paths)}
+    example = torch.zeros(1, *input_spec(prepared)[0])
     rows = []
     for name, role, teacher in (("teacher", "teacher", None), ("distilled", "student", teacher_model)):
         for label, recipe in recipes.items():
@@ -57,7 +61,9 @@ def compare(params: Params, paths: Paths, tracker=NullTracker(), device: torch.d
                 model, took = run(timed, recipe.seed + k, f"compare {label} {name} seed {recipe.seed + k}")
                 accuracies.append(evaluate(model, test, tta=role_params.train.tta)["accuracy"])
                 seconds.append(took)
-            rows.append({"model": name, "recipe": label, "epochs": epochs, "seeds": budget.seeds,
+            macs, _ = count_macs_params(model.cpu(), example)
+            rows.append({"model": name, "recipe": label, "arch": f"{role_params.model.arch} w{role_params.model.width}",
+                         "macs": macs, "epochs": epochs, "seeds": budget.seeds,
                          "train_seconds_mean": round(statistics.mean(seconds), 2),
                          "test_accuracy_mean": statistics.mean(accuracies),
                          "test_accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
@@ -75,10 +81,11 @@ def compare(params: Params, paths: Paths, tracker=NullTracker(), device: torch.d
 def format_table(rows: list[dict], seconds: float) -> str:
     lines = [f"Defaults vs searched at the same wall-clock training budget ({seconds:g} s per model); test accuracy "
              f"over {rows[0]['seeds']} seeds (mean ± standard deviation).", "",
-             "| model | recipe | epochs in budget | train s (mean) | test accuracy | per seed |",
-             "|---|---|---:|---:|---:|---|"]
+             "| model | recipe | arch | MACs | epochs in budget | train s (mean) | test accuracy | per seed |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['recipe']} | {r['epochs']} | {r['train_seconds_mean']:.1f} | "
+        lines.append(f"| {r['model']} | {r['recipe']} | {r['arch']} | {r['macs']:,} | {r['epochs']} | "
+                     f"{r['train_seconds_mean']:.1f} | "
                      f"{r['test_accuracy_mean']:.2%} ± {r['test_accuracy_std']:.2%} | "
                      f"{', '.join(f'{a:.2%}' for a in r['test_accuracies'])} |")
     by = {(r["model"], r["recipe"]): r for r in rows}
@@ -88,6 +95,7 @@ def format_table(rows: list[dict], seconds: float) -> str:
         gain = s["test_accuracy_mean"] - d["test_accuracy_mean"]
         noise = max(d["test_accuracy_std"], s["test_accuracy_std"])
         verdict = "larger than" if abs(gain) > 2 * noise else "within"
+        cost = (f"; the searched model has {s['macs'] / d['macs']:.2f}x the MACs" if s["macs"] != d["macs"] else "")
         lines.append(f"- {model}: searched - defaults = {gain:+.2%}, {verdict} twice the larger seed spread "
-                     f"({noise:.2%})")
+                     f"({noise:.2%}){cost}")
     return "\n".join(lines) + "\n"

@@ -78,7 +78,7 @@ def hint_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) ->
         L_HT = mean over elements of ( r(u_s(x)) - u_t(x) )^2
 
     u_t: the teacher's feature map at the hint stage; u_s: the student's at its guided stage; r: the learned
-    regressor, here a 1x1 conv where the widths differ (applied by the caller, kdprune/distill.py). The paper sums
+    regressor, here a 1x1 conv where the widths differ (applied by the caller, kdprune/distiller.py). The paper sums
     1/2 of the squared error; the mean only rescales the weight. The teacher's features get no gradient.
     """
     return F.mse_loss(student_features.float(), teacher_features.detach().float())

@@ -41,6 +41,15 @@ def test_sweep_epochs_override_and_seed(quick_raw):
     assert params.data.val_fraction == 0.002
 
 
+def test_set_overrides_reach_the_sweep(tmp_path):
+    raw, params = bench.load_profile(REPO / "profiles" / "cifar10-cpu-quick.yaml", tmp_path / "data.tar.gz",
+                                     ["distill.alpha=0.25", "distill.dkd.beta=2"])
+    assert (params.distill.alpha, params.distill.dkd.beta) == (0.25, 2)
+    swept = bench.sweep_params(raw, 0, 0.1, 5000)
+    assert (swept.distill.alpha, swept.distill.dkd.beta) == (0.25, 2)
+    assert bench.parse_args(["-S", "a.b=1", "--set", "c=2"]).set == ["a.b=1", "c=2"]
+
+
 def test_sweep_table_means_spreads_and_paired_gains():
     rows = [{"seed": s, "fraction": 0.1, "train_images": 500, "model": m, "test_accuracy": acc}
             for s, accs in ((0, {"teacher": 0.6, "student": 0.30, "dkd": 0.34}), (1, {"teacher": 0.7, "student": 0.40, "dkd": 0.42}))

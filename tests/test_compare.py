@@ -65,3 +65,18 @@ def test_each_recipe_gets_the_same_wall_clock_budget_and_several_seeds(search_ro
     assert json.loads(paths.compare_json.read_text())["rows"] == result["rows"]
     report = (paths.search_dir / "compare.md").read_text()
     assert "±" in report and "searched - defaults" in report
+    for model in ("teacher", "distilled"):  # single mode: the same model, so the same cost, and no cost remark
+        assert rows[model, "defaults"]["macs"] == rows[model, "searched"]["macs"] > 0
+    assert f"{rows['teacher', 'defaults']['macs']:,}" in report and "x the MACs" not in report
+
+
+def test_a_narrower_searched_student_is_reported_at_its_cost():
+    row = {"epochs": 3, "seeds": 2, "train_seconds_mean": 1.0, "test_accuracy_std": 0.01}
+    rows = [{**row, "model": "distilled", "recipe": "defaults", "arch": "airbench w6", "macs": 2_000_000,
+             "test_accuracy_mean": 0.6, "test_accuracies": [0.59, 0.61]},
+            {**row, "model": "distilled", "recipe": "searched", "arch": "airbench w5", "macs": 1_000_000,
+             "test_accuracy_mean": 0.5, "test_accuracies": [0.49, 0.51]}]
+    report = compare_mod.format_table(rows, 60)
+    assert "| distilled | searched | airbench w5 | 1,000,000 |" in report
+    assert "searched - defaults = -10.00%, larger than twice the larger seed spread (1.00%); the searched model " \
+           "has 0.50x the MACs" in report
