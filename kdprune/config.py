@@ -95,6 +95,9 @@ class DKDParams(Strict):
     alpha: float = Field(default=1.0, ge=0)  # weight of the target-class term (TCKD)
     beta: float = Field(default=8.0, ge=0)  # weight of the non-target-class term (NCKD); the paper: 8 on CIFAR-100
     warmup_epochs: float = Field(default=1.0, ge=0)  # DKD's weight ramps linearly from 0 over these epochs
+    # DKD's own temperature (the paper: 4 on CIFAR); empty = distill.temperature. DKD and Hinton's loss often want
+    # different ones: DKD's non-target term needs a softer teacher than Hinton's whole distribution.
+    temperature: float | None = Field(default=None, gt=0)
 
 
 class HintParams(Strict):

@@ -3,7 +3,8 @@
 `Distiller(teacher, student, params, example, steps_per_epoch)` is built by `fit` when it has a teacher:
 
 - hinton: Hinton et al.'s loss on the logits.
-- dkd: cross-entropy + decoupled KD, ramped in linearly over `dkd.warmup_epochs`.
+- dkd: cross-entropy + decoupled KD at `dkd.temperature` (else `temperature`), ramped in linearly over
+  `dkd.warmup_epochs`.
 - fitnets: Hinton's loss + `hint.weight` * the hint loss between the two networks' feature maps at `hint.stage`
   (an index into each model's `stages`, so teacher and student may be different architectures). Forward hooks on
   those named modules capture the maps; a 1x1 conv adapter maps the student's width to the teacher's where they
@@ -76,7 +77,8 @@ class Distiller:
         if p.method == "dkd":
             ramp = min(1.0, step / self.warmup_steps) if self.warmup_steps > 0 else 1.0
             ce = F.cross_entropy(student_logits.float(), y, label_smoothing=label_smoothing)
-            return ce + ramp * dkd_loss(student_logits, teacher_logits, y, p.temperature, p.dkd.alpha, p.dkd.beta)
+            t = p.dkd.temperature or p.temperature
+            return ce + ramp * dkd_loss(student_logits, teacher_logits, y, t, p.dkd.alpha, p.dkd.beta)
         loss = hinton_kd_loss(student_logits, teacher_logits, y, p.temperature, p.alpha, label_smoothing)
         if p.method == "fitnets":
             loss = loss + p.hint.weight * hint_loss(*self.matched_features())

@@ -126,6 +126,8 @@ def apply_point(params: Params, role: str, point: dict[str, Any], fraction: floa
     raw[role] = {"model": model, "train": train}
     if role == "student":
         raw["distill"].update({k: point[k] for k in ("temperature", "alpha") if k in point})
+        if "temperature" in point and raw["distill"]["dkd"]["temperature"] is not None:
+            raw["distill"]["dkd"]["temperature"] = point["temperature"]  # the temperature DKD actually uses
         if "prune_target" in point:
             raw["prune"]["target"] = point["prune_target"]
     return Params.model_validate(raw)

@@ -75,12 +75,17 @@ def test_each_method_trains_differently_from_hinton(teacher, method):
     ("dkd", {"dkd": DKDParams(alpha=0.0)}),
     ("dkd", {"dkd": DKDParams(warmup_epochs=0.0)}),
     ("dkd", {"temperature": 2.0}),
+    ("dkd", {"dkd": DKDParams(temperature=2.0)}),  # its own, over distill.temperature (4)
     ("fitnets", {"hint": HintParams(weight=5.0)}),
     ("fitnets", {"hint": HintParams(stage=0)}),
     ("fitnets", {"alpha": 0.5}),
 ])
 def test_each_param_changes_training(teacher, method, changed):
     assert not same_weights(distil(teacher, method, **changed), distil(teacher, method))
+
+
+def test_dkd_temperature_defaults_to_the_shared_one(teacher):
+    assert same_weights(distil(teacher, "dkd", dkd=DKDParams(temperature=4.0)), distil(teacher, "dkd"))
 
 
 def test_fitnets_with_zero_hint_weight_is_hinton(teacher):

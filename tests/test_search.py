@@ -174,6 +174,17 @@ def test_a_trial_trains_the_real_schedule_shrunk_by_fraction():
     assert apply_point(params, "teacher", {}, fraction=0.01).teacher.train.epochs == 1  # never 0
 
 
+def test_a_searched_temperature_reaches_the_loss_that_uses_it():
+    raw = search_raw({})
+    raw["distill"] = {"method": "dkd", "temperature": 4.0}
+    point = {"temperature": 1.5, "alpha": 0.3}
+    shared = apply_point(config.parse(raw), "student", point).distill
+    assert (shared.temperature, shared.alpha, shared.dkd.temperature) == (1.5, 0.3, None)
+    raw["distill"]["dkd"] = {"temperature": 3.0}  # DKD's own temperature: the searched one replaces it too
+    own = apply_point(config.parse(raw), "student", point).distill
+    assert (own.temperature, own.dkd.temperature) == (1.5, 1.5)
+
+
 def test_pareto_student_study_has_no_pruner():
     search = search_params({"mode": "pareto"}).search
     assert search_mod.make_pruner(search, "student") is None
