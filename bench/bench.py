@@ -52,6 +52,7 @@ import yaml  # noqa: E402
 from kdprune import config, project, stages  # noqa: E402
 from kdprune import data as data_mod  # noqa: E402
 from kdprune.checkpoint import load_model  # noqa: E402
+from kdprune.errors import KdpruneError  # noqa: E402
 from kdprune.metrics import compare_latency  # noqa: E402
 from kdprune.pruning import count_macs_params  # noqa: E402
 from kdprune.train import Split, evaluate  # noqa: E402
@@ -460,7 +461,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data.exists():
         print(f"bench: {args.data}: not found (pass --data)", file=sys.stderr)
         return 2
-    profile_raw, params = load_profile(args.profile, args.data, args.set)
+    try:
+        profile_raw, params = load_profile(args.profile, args.data, args.set)
+    except KdpruneError as error:  # a bad profile or -S value: one line, as kdprune says it
+        print(f"bench: {error}", file=sys.stderr)
+        return 2
     if args.train_fraction:
         return run_sweep(args, profile_raw, device)
     seed_params = seed_recipe(profile_raw, args.quick)

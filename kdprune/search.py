@@ -126,7 +126,9 @@ def trial_inputs(params: Params, role: str, dataset_id: str, teacher: str | None
               "code": code_fingerprint()}
     if role == "student":
         inputs["teacher"] = teacher
-        inputs["distill"] = params.distill.model_dump(exclude={"temperature", "alpha"})  # the method and its knobs
+        # the method and its knobs; the searched temperature replaces DKD's own too (apply_point)
+        inputs["distill"] = params.distill.model_dump(exclude={"temperature": True, "alpha": True,
+                                                               "dkd": {"temperature"}})
     if pareto:
         inputs["prune"] = {"round_to": params.prune.round_to, "runtime": params.prune.runtime}
     return inputs

@@ -50,6 +50,15 @@ def test_set_overrides_reach_the_sweep(tmp_path):
     assert bench.parse_args(["-S", "a.b=1", "--set", "c=2"]).set == ["a.b=1", "c=2"]
 
 
+def test_a_bad_set_value_is_one_line_and_exit_2(tmp_path, capsys):
+    data = tmp_path / "data.tar.gz"
+    data.write_bytes(b"")  # exists: the value is checked before any data is read
+    assert bench.main(["--data", str(data), "-S", "distill.alpha=7", "--out", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "distill.alpha" in err[0] and err[0].startswith("bench: ")
+    assert not (tmp_path / "b.json").exists()
+
+
 def test_sweep_table_means_spreads_and_paired_gains():
     rows = [{"seed": s, "fraction": 0.1, "train_images": 500, "model": m, "test_accuracy": acc}
             for s, accs in ((0, {"teacher": 0.6, "student": 0.30, "dkd": 0.34}), (1, {"teacher": 0.7, "student": 0.40, "dkd": 0.42}))

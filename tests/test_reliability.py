@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -296,6 +297,22 @@ def _wait_for(log: Path, text: str, process: subprocess.Popen, timeout: float = 
         time.sleep(0.2)
 
 
+@contextmanager
+def _run_until(workdir: Path, changes: dict, text: str):
+    """`kdprune run` on the tiny params with `changes`, followed until its log shows `text`; yields the process,
+    its log and its children at that moment (the temporary Prefect server). Killed on the way out if still alive."""
+    write_params(workdir / "params.yaml", deep_update(tiny_params_dict(), changes))
+    log = workdir / "run.log"
+    process = _start_run(workdir, log)
+    try:
+        _wait_for(log, text, process)
+        yield process, log, _children(process.pid)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for task in Path(f"/proc/{pid}/task").glob("*/children"):
@@ -314,13 +331,7 @@ def _gone(pids: list[int], timeout: float = 15) -> bool:
 
 @pytest.mark.slow
 def test_kill9_during_distill_then_rerun_resumes(workdir):
-    write_params(workdir / "params.yaml", deep_update(tiny_params_dict(), {"student": {"train": {"epochs": 40}}}))
-    log = workdir / "first.log"
-    first = _start_run(workdir, log)
-    try:
-        _wait_for(log, "distilled epoch 1/", first)
-        server = _children(first.pid)
-    finally:
+    with _run_until(workdir, {"student": {"train": {"epochs": 40}}}, "distilled epoch 1/") as (first, _, server):
         first.kill()  # SIGKILL: nothing of kdprune's runs
         first.wait()
     assert server and _gone(server), "the temporary Prefect server outlived its kdprune process"
@@ -342,20 +353,11 @@ def test_kill9_during_distill_then_rerun_resumes(workdir):
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, code, status", [(signal.SIGTERM, 143, "FAILED"), (signal.SIGINT, 130, "KILLED")])
 def test_signal_to_run_exits_within_seconds_with_runs_marked(workdir, signum, code, status):
-    write_params(workdir / "params.yaml", deep_update(tiny_params_dict(), {"teacher": {"train": {"epochs": 500}}}))
-    log = workdir / "run.log"
-    run = _start_run(workdir, log)
-    try:
-        _wait_for(log, "teacher epoch 2/", run)
-        server = _children(run.pid)
+    with _run_until(workdir, {"teacher": {"train": {"epochs": 500}}}, "teacher epoch 2/") as (run, log, server):
         os.killpg(run.pid, signum)  # the whole group, as `timeout`, a scheduler or Ctrl-C do
         started = time.monotonic()
         run.wait(timeout=60)
         assert time.monotonic() - started < 10
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
     assert run.returncode == code
     lines = [line for line in log.read_text().splitlines() if line.strip()]
     assert lines[-1].startswith("kdprune: error: ") and "Traceback" not in log.read_text()

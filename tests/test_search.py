@@ -401,6 +401,11 @@ def test_study_identity_covers_exactly_what_the_trials_read():
 
     assert search_mod.study_name(with_distill(method="dkd"), "student", "d1", "teacher-hash-1") != student
     assert search_mod.study_name(with_distill(temperature=9.0), "student", "d1", "teacher-hash-1") == student
+    dkd = search_mod.study_name(with_distill(method="dkd"), "student", "d1", "teacher-hash-1")
+    own_t = with_distill(method="dkd", dkd={"temperature": 3.0})  # searched too: replaced in every trial
+    assert search_mod.study_name(own_t, "student", "d1", "teacher-hash-1") == dkd
+    beta = with_distill(method="dkd", dkd={"beta": 3.0})
+    assert search_mod.study_name(beta, "student", "d1", "teacher-hash-1") != dkd
     pareto = search_params({"mode": "pareto"})
     rounded = config.parse(deep_update(search_raw({"mode": "pareto"}), {"prune": {"round_to": 2}}))
     assert search_mod.study_name(pareto, "student", "d1", "t") != search_mod.study_name(rounded, "student", "d1", "t")
