@@ -193,7 +193,7 @@ def latency_ms(model: torch.nn.Module, input_shape: tuple[int, ...], device: tor
 ROLE_OF = {"teacher": "teacher", "student": "student", "distilled": "student", "pruned": None}
 
 
-def run_recipe(recipe: str, params: config.Params, paths: stages.Paths, names: list[str], timer: TimedFit,
+def run_recipe(recipe: str, params: config.Params, paths: project.Paths, names: list[str], timer: TimedFit,
                device: torch.device) -> list[dict]:
     stage_of = {"teacher": stages.teacher, "student": stages.student, "distilled": stages.distill,
                 "pruned": stages.prune}
@@ -277,7 +277,7 @@ def fit_with_dataloader(model: torch.nn.Module, prepared: dict, val: Split, epoc
     return model, time.perf_counter() - started, epochs * len(loader.dataset)
 
 
-def run_dataloader_rows(params: config.Params, paths: stages.Paths, fit_rows: list[dict], device: torch.device,
+def run_dataloader_rows(params: config.Params, paths: project.Paths, fit_rows: list[dict], device: torch.device,
                         workers: int) -> list[dict]:
     """(a'): the seed recipe's teacher and student again, through `fit_with_dataloader`; images/s beside (a)'s."""
     prepared = data_mod.load_prepared(paths.prepared)
@@ -332,11 +332,11 @@ def run_sweep(args: argparse.Namespace, profile_raw: dict, device: torch.device)
     log.write_text("")
     rows = []
     try:
-        full_train = base.data.max_train or stages.prepare(base, stages.Paths(workdir / "count"))["train"]
+        full_train = base.data.max_train or stages.prepare(base, project.Paths(workdir / "count"))["train"]
         for seed in args.seeds:
             for fraction in args.train_fraction:
                 params = sweep_params(profile_raw, seed, fraction, full_train, args.epochs)
-                paths = stages.Paths(workdir / f"s{seed}-f{fraction}")
+                paths = project.Paths(workdir / f"s{seed}-f{fraction}")
                 described = stages.prepare(params, paths)
                 test = Split.from_prepared(data_mod.load_prepared(paths.prepared), "test", device)
                 runs = [("teacher", stages.teacher, params, "teacher"), ("student", stages.student, params, "student")]
@@ -457,7 +457,7 @@ def format_table(rows: list[dict], device: torch.device) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    device = stages.resolve_device(args.device)
+    device = project.resolve_device(args.device)
     if not args.data.exists():
         print(f"bench: {args.data}: not found (pass --data)", file=sys.stderr)
         return 2
@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     project.fit = timer  # the stages train through kdprune.project.train_new, which calls fit by this name
     workdir = Path(tempfile.mkdtemp(prefix="kdprune-bench-"))
     try:
-        profile_paths, seed_paths = stages.Paths(workdir / "profile"), stages.Paths(workdir / "seed")
+        profile_paths, seed_paths = project.Paths(workdir / "profile"), project.Paths(workdir / "seed")
         print(f"[bench] preparing {args.data} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         described = stages.prepare(params, profile_paths)

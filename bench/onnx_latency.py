@@ -21,7 +21,8 @@ import torch
 
 from kdprune import config
 from kdprune.export import OrtModel
-from kdprune.stages import Paths, served_pruned
+from kdprune.project import Paths
+from kdprune.serving import served_pruned
 
 
 def main() -> None:

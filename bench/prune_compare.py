@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from kdprune import config, stages
+from kdprune import config, project, runner
 from kdprune import data as data_mod
 from kdprune.checkpoint import load_model
 from kdprune.metrics import compare_latency
@@ -38,19 +38,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=30, help="interleaved latency repeats")
     args = parser.parse_args(argv)
     params = config.load(args.params, args.overrides)
-    paths = stages.Paths(args.root)
+    paths = project.Paths(args.root)
     device = torch.device("cpu")
     for name, model in (("prepare", paths.prepared), ("teacher", paths.model("teacher")),
                         ("distill", paths.model("distilled"))):
         if not Path(model).exists():
-            stages.run_stage(name, params, paths, device=device)
+            runner.run_stage(name, params, paths, device=device)
     p = params.prune
     summaries = {}
     for method in args.methods:
         epochs = p.finetune.epochs + (p.sparsity.epochs if method == "magnitude" and "sparse" in args.methods else 0)
         run = params.model_copy(update={"prune": p.model_copy(update={
             "method": method, "finetune": p.finetune.model_copy(update={"epochs": epochs})})})
-        summaries[method] = stages.run_stage("prune", run, paths, device=device)
+        summaries[method] = runner.run_stage("prune", run, paths, device=device)
         shutil.copy(paths.model("pruned"), paths.model(f"pruned-{method}"))
         shutil.copy(paths.sensitivity_plot, paths.sensitivity_plot.with_name(f"sensitivity-{method}.png"))
 

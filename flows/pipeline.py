@@ -21,7 +21,7 @@ from kdprune.signals import exit_on_sigterm
 from kdprune.errors import KdpruneError
 from kdprune.lock import project_lock
 from kdprune.search import open_storage
-from kdprune.stages import Paths, resolve_device
+from kdprune.project import Paths, resolve_device
 from kdprune.tracking import MlflowTracker, NullTracker
 from flows.search import run_search
 from flows.server import temporary_server

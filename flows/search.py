@@ -12,7 +12,7 @@ from prefect.cache_policies import NONE
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from kdprune.config import SearchParams
-from kdprune.stages import SEARCH_STAGES, run_stage
+from kdprune.runner import SEARCH_STAGES, run_stage
 
 
 @task(name="search-worker", cache_policy=NONE)

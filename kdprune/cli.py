@@ -30,7 +30,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from kdprune.stages import STAGES
+    from kdprune.runner import STAGES
 
     parser = argparse.ArgumentParser(prog="kdprune", description="Teacher -> distilled student -> pruned student -> registry.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,7 +118,7 @@ def _drivers() -> None:
 
 
 def _run_one_stage(name, params, paths, tracker, device) -> dict:
-    from kdprune.stages import SEARCH_STAGES, run_stage
+    from kdprune.runner import SEARCH_STAGES, run_stage
 
     if name in SEARCH_STAGES and params.search.enabled and project_drivers():
         try:  # trial workers on Prefect's task runner (threads, processes or Dask) when Prefect is installed
@@ -158,7 +158,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from kdprune import config
     from kdprune import data as data_mod
     from kdprune.lock import project_lock
-    from kdprune.stages import Paths, resolve_device
+    from kdprune.project import Paths, resolve_device
 
     params = config.load(args.params, args.overrides)
     device = _distributed_setup(args, params, resolve_device(args.device))

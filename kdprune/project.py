@@ -1,6 +1,6 @@
 """What the stages, the search and bench/ share, in one module so that none of them imports another:
 
-- `Paths`, the catalog of where every stage reads and writes;
+- `Paths`, the catalog of where every stage reads and writes, and `stage_outputs`, each stage's main output;
 - `resolve_device`, the machine's device;
 - the params a training stage really uses: params.yaml with the search's best points applied (`effective_params`);
 - `new_model` / `train_new`, the one way to seed, build and fit a fresh model (input shape and class count are
@@ -92,6 +92,14 @@ class Paths:
     @property
     def compare_json(self) -> Path:
         return self.search_dir / "compare.json"
+
+
+def stage_outputs(paths: Paths) -> dict[str, Path]:
+    """The main output of each stage (the file later stages read)."""
+    return {"prepare": paths.prepared, "search-teacher": paths.search_best("teacher"), "teacher": paths.model("teacher"),
+            "search-student": paths.search_best("student"), "compare": paths.compare_json,
+            "student": paths.model("student"), "distill": paths.model("distilled"), "prune": paths.model("pruned"),
+            "evaluate": paths.report_json, "register": paths.registration}
 
 
 def resolve_device(name: str | None = None) -> torch.device:

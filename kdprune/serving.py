@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from kdprune.checkpoint import load_model
+
 
 class Normalized(torch.nn.Module):
     """The registered model: takes float images in [0, 1] (pixels / 255) and normalises them itself.
@@ -37,3 +39,10 @@ def predict_pixels(model, pixels: torch.Tensor, batch_size: int = 512) -> torch.
     out = [model(pixels[start:start + batch_size].float().div(255)).argmax(1)
            for start in range(0, len(pixels), batch_size)]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def served_pruned(params, paths) -> tuple[torch.nn.Module, dict]:
+    """The pruned model as it is registered: normalising, and with the evaluation's flip TTA when that was on."""
+    model, payload = load_model(paths.model("pruned"))
+    return with_normalization(model, payload["extra"]["mean"], payload["extra"]["std"],
+                              tta=params.prune.finetune.tta), payload

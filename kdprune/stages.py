@@ -1,7 +1,8 @@
 """The pipeline's stages: plain functions of (params, paths, tracker, device), called by both drivers.
 
-The DVC driver calls them through `kdprune stage NAME`; the Prefect driver through tasks/. Each writes its
-outputs under `paths` (atomically) and returns a small summary dict.
+The DVC driver calls them through `kdprune stage NAME`; the Prefect driver through tasks/; both through
+`kdprune.runner.run_stage`. Each writes its outputs under `paths` (atomically) and returns a small summary dict.
+The report's formatting lives in kdprune/report.py, the registration's promotion flow in kdprune/promotion.py.
 """
 
 from __future__ import annotations
@@ -9,26 +10,25 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from kdprune import compare as compare_mod, data as data_mod, distributed, registry, search as search_mod
+from kdprune import compare as compare_mod, data as data_mod, distributed, promotion, search as search_mod
 from kdprune.checkpoint import load_model, save_model
 from kdprune.config import ModelParams, Params, TrainParams
 from kdprune.confusion import confusion_matrix, format_per_class, per_class, plot_confusion
 from kdprune.errors import KdpruneError
-from kdprune.io import json_field, read_json, write_json, write_text
-from kdprune.lineage import file_hash, lineage_tags, run_context
+from kdprune.io import read_json, write_json, write_text
 from kdprune.metrics import compare_latency, latency_cost, layer_channels, model_costs, pruner_clock
 from kdprune.plots import sensitivity_plot
-from kdprune.project import Paths, effective_params, input_spec, resolve_device, make_splits, train_new  # noqa: F401 - re-exported
+from kdprune.project import Paths, effective_params, input_spec, resolve_device, make_splits, train_new
 from kdprune.pruning import (SparsityPenalty, count_macs_params, default_round_to, macs_cost, prune_in_rounds,
                              search_within)
-from kdprune.serving import predict_pixels, with_normalization
+from kdprune.report import format_table, pruning_summary
+from kdprune.serving import served_pruned
 from kdprune.tracking import NullTracker
 from kdprune.train import Split, evaluate as evaluate_split, fit, predict_logits
 
@@ -307,153 +307,9 @@ def evaluate(params: Params, paths: Paths, tracker=NullTracker(), device: torch.
     return report
 
 
-def pruning_summary(distilled: torch.nn.Module, pruned: torch.nn.Module, rows: dict, prune_params,
-                    clock: str = "cpu_latency_ms") -> dict:
-    """Requested vs achieved reduction, measured speed-up, speed-up efficiency (speed-up / MACs ratio) and the
-    channels of every layer before and after pruning. Latencies from `clock`: wall ("cpu_latency_ms") or process
-    CPU time ("cpu_time_ms", the steadier one with one thread on a shared CPU)."""
-    d, q = rows["distilled"], rows["pruned"]
-    macs_ratio = d["macs"] / q["macs"]
-    out = {"requested_macs_reduction": None if prune_params.latency_target is not None else prune_params.target,
-           "requested_latency_reduction": prune_params.latency_target, "latency_clock": clock,
-           "achieved_macs_reduction": round(1 - q["macs"] / d["macs"], 4), "macs_ratio": round(macs_ratio, 3)}
-    for suffix in ("b1", "batch"):
-        key = f"{clock}_{suffix}"
-        speedup = d[key] / q[key]
-        out[f"achieved_latency_reduction_{suffix}"] = round(1 - q[key] / d[key], 4)
-        out[f"speedup_{suffix}"] = round(speedup, 3)
-        out[f"speedup_efficiency_{suffix}"] = round(speedup / macs_ratio, 3)
-    after = layer_channels(pruned)
-    out["channels"] = {name: [n, after[name]] for name, n in layer_channels(distilled).items()}
-    return out
-
-
-def format_table(report: dict) -> str:
-    """The report as Markdown: one row per model, then what pruning requested and achieved, layer by layer."""
-    rows = report["models"]
-    first = next(iter(rows.values()))
-    batch = first["latency_batch"]
-    lines = [
-        f"Dataset: {report['dataset']['source']} ({report['dataset']['train']} train / {report['dataset']['val']} val / "
-        f"{report['dataset']['test']} test, {report['dataset']['classes']} classes, id {report['dataset']['dataset_id']})",
-        "",
-        f"| model | test acc | val acc | params | MACs | size (KB) | CPU ms (batch 1) | CPU ms (batch {batch}) |"
-        f"{' CPU-time ms (batch 1) | CPU-time ms (batch ' + str(batch) + ') |' if 'cpu_time_ms_b1' in first else ''}"
-        f" ONNX Runtime CPU ms (batch 1) | ONNX Runtime CPU ms (batch {batch}) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if "cpu_time_ms_b1" in first else "") + "---:|---:|",
-    ]
-    for name, r in rows.items():
-        ort = (f"{r['ort_latency_ms_b1']:.3f} | {r['ort_latency_ms_batch']:.2f}" if "ort_latency_ms_b1" in r
-               else "- | -")
-        lines.append(f"| {name} | {r['test_accuracy']:.2%} | {r['val_accuracy']:.2%} | {r['params']:,} | {r['macs']:,} | "
-                     f"{r['size_kb']:,} | {r['cpu_latency_ms_b1']:.3f} | {r['cpu_latency_ms_batch']:.2f} |"
-                     + (f" {r['cpu_time_ms_b1']:.3f} | {r['cpu_time_ms_batch']:.2f} |" if "cpu_time_ms_b1" in r else "")
-                     + f" {ort} |")
-    pruned = rows.get("pruned", {})
-    if pruned.get("onnx_max_abs_diff") is not None:
-        lines += ["", f"ONNX export of pruned (models/pruned.onnx): max |logit difference| vs torch "
-                      f"{pruned['onnx_max_abs_diff']:.2g}, top-1 agreement {pruned['onnx_top1_agreement']:.2%} "
-                      f"(test split); balanced test accuracy {pruned['balanced_test_accuracy']:.2%}."]
-    if "latency_threads" in first:
-        lines += ["", f"CPU ms: wall time; CPU-time ms: the process's CPU time (with one thread on a shared CPU, the "
-                      f"better estimate of an idle core). Both: {first['latency_statistic']} of interleaved repeats "
-                      f"across the models, {first['latency_threads']} thread(s), after warm-up."]
-    pruning = report.get("pruning")
-    if pruning:
-        def pct(v):
-            return "-" if v is None else f"{v:.1%}"
-
-        clock = "CPU time" if pruning.get("latency_clock") == "cpu_time_ms" else "wall time"
-        lines += ["", f"| pruned vs distilled (latency: {clock}) | requested | achieved |", "|---|---:|---:|",
-                  f"| MACs reduction | {pct(pruning['requested_macs_reduction'])} | {pct(pruning['achieved_macs_reduction'])} |",
-                  f"| latency reduction (batch {batch}) | {pct(pruning['requested_latency_reduction'])} | "
-                  f"{pct(pruning['achieved_latency_reduction_batch'])} |",
-                  f"| latency reduction (batch 1) | | {pct(pruning['achieved_latency_reduction_b1'])} |",
-                  f"| speed-up (batch {batch} / batch 1) | | {pruning['speedup_batch']:.2f}x / {pruning['speedup_b1']:.2f}x |",
-                  f"| speed-up efficiency = speed-up / MACs ratio ({pruning['macs_ratio']:.2f}x) | | "
-                  f"{pruning['speedup_efficiency_batch']:.2f} / {pruning['speedup_efficiency_b1']:.2f} |",
-                  "", "| layer | channels before | after |", "|---|---:|---:|"]
-        lines += [f"| {name} | {a} | {b} |" for name, (a, b) in pruning["channels"].items()]
-    return "\n".join(lines) + "\n"
-
-
-def served_pruned(params: Params, paths: Paths) -> tuple[torch.nn.Module, dict]:
-    """The pruned model as it is registered: normalising, and with the evaluation's flip TTA when that was on."""
-    model, payload = load_model(paths.model("pruned"))
-    return with_normalization(model, payload["extra"]["mean"], payload["extra"]["std"],
-                              tta=params.prune.finetune.tta), payload
-
-
-def _score_champion(tracker, champion: dict, candidate: dict, val_x: torch.Tensor, val_y: torch.Tensor) -> str | None:
-    """Put the champion's per-image results on the candidate's validation images into `champion['correct']`;
-    return why that is impossible instead (other classes / input shape, or it cannot be loaded)."""
-    champion["classes"] = json.loads(champion["classes"]) if champion.get("classes") else None
-    champion["input_shape"] = json.loads(champion["input_shape"]) if champion.get("input_shape") else None
-    why = registry.incompatibility(candidate, champion)
-    if why:
-        return why
-    try:
-        predicted = predict_pixels(tracker.load_registered(champion["uri"]), val_x)
-    except Exception as error:  # noqa: BLE001 - a foreign, broken or unreachable model: never promote blindly
-        return (f"champion v{champion['version']} could not be scored on this validation split "
-                f"({error.__class__.__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
-                f"alias left on it")
-    if predicted.shape != val_y.shape:
-        return f"champion v{champion['version']} gives outputs of another shape; alias left on it"
-    champion["correct"] = (predicted == val_y).tolist()
-    return None
-
-
 def register(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:
-    """Register the pruned model; move the alias to it only if it beats the champion (kdprune/registry.py).
-
-    Reading the champion, registering and moving the alias happen under the registry lock, so concurrent runs
-    decide one after the other, each against the champion of that moment.
-    """
-    served, payload = served_pruned(params, paths)
-    where = paths.report_json
-    report = read_json(where, "the evaluate stage's report")
-    prepared = data_mod.load_prepared(paths.prepared)
-    val_x, val_y = prepared["val_x"], prepared["val_y"]
-    correct = (predict_pixels(served, val_x) == val_y).tolist()
-    row = ("models", "pruned")
-    candidate = {"val_accuracy": round(sum(correct) / len(correct), 4),
-                 "test_accuracy": json_field(where, report, *row, "test_accuracy"),
-                 "macs": json_field(where, report, *row, "macs", kind=int),
-                 "cpu_latency_ms_b1": json_field(where, report, *row, "cpu_latency_ms_b1"),
-                 "dataset_id": prepared["dataset_id"], "tta": params.prune.finetune.tta,
-                 "classes": list(payload["classes"]), "input_shape": list(payload["input_shape"])}
-    name, alias = params.registry.model_name, params.registry.alias
-    run_ids = {stage: tracker.run_for_output(stage, file_hash(path)) for stage, path in stage_outputs(paths).items()
-               if stage not in ("register", "student") and path.is_file()}
-    run_ids["register"] = tracker.run_id
-    tags = {**{k: (json.dumps(v) if isinstance(v, list) else v) for k, v in candidate.items()},
-            **lineage_tags(params, paths.root, prepared["dataset_id"], run_ids)}
-    model = tracker.log_model(served, "model", val_x[:2].float().div(255).numpy(),
-                              metadata={"classes": list(payload["classes"])})
-    if paths.onnx.is_file():
-        tracker.log_artifact(paths.onnx)
-    with tracker.registry_lock(name):
-        champion = tracker.champion(name, alias)
-        why_not = _score_champion(tracker, champion, candidate, val_x, val_y) if champion else None
-        if why_not:
-            decision = registry.Decision(False, why_not, {"champion_version": champion["version"]})
-        else:
-            decision = registry.decide({**candidate, "correct": correct}, champion, params.registry)
-        version = tracker.register(model, name, {**tags, "promotion": decision.reason[:5000]}) if model else None
-        promote, reason = decision.promote, decision.reason
-        if version is None:
-            promote, reason = False, "tracking is off: nothing registered"
-        elif promote:
-            tracker.set_alias(name, alias, version)
-    result = {"model_name": name, "version": version, "alias": alias, "promoted": promote, "reason": reason,
-              "champion_before": champion["version"] if champion else None, "gate": decision.numbers,
-              **{k: v for k, v in candidate.items() if k not in ("classes", "input_shape")}}
-    write_json(paths.registration, result)
-    tracker.log_metrics({"promoted": int(promote), **{f"gate.{k}": v for k, v in decision.numbers.items()}})
-    tracker.set_tags({"promotion": reason, "promoted": str(promote).lower(), "registered_version": str(version),
-                      **{f"gate.{k}": v for k, v in decision.numbers.items()}})
-    return result
+    """Register the pruned model; move the alias to it only if it beats the champion (kdprune/promotion.py)."""
+    return promotion.register(params, paths, tracker)
 
 
 def search_teacher(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None,
@@ -471,52 +327,3 @@ def search_student(params: Params, paths: Paths, tracker=NullTracker(), device: 
 def compare(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:
     """Defaults vs searched at the same wall-clock budget, over seeds (optional: search.compare.enabled)."""
     return compare_mod.compare(params, paths, tracker, device or resolve_device())
-
-
-STAGES = {"prepare": prepare, "search-teacher": search_teacher, "teacher": teacher, "search-student": search_student,
-          "student": student, "distill": distill, "compare": compare, "prune": prune, "export": export,
-          "evaluate": evaluate, "register": register}
-SEARCH_STAGES = {"search-teacher": "teacher", "search-student": "student"}
-
-
-def _stage_inputs_beyond_dvc(name: str, tracker) -> dict:
-    """Inputs of a stage that dvc.yaml cannot see: the registry a registration went to."""
-    return {"tracking": getattr(tracker, "tracking_uri", None)} if name == "register" else {}
-
-
-def run_stage(name: str, params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None,
-              resume: bool = False, **options) -> dict:
-    """Run one stage inside its own tracking run (nested under the tracker's run, if any).
-
-    With `resume`, a stage whose inputs and outputs are unchanged since it last finished is skipped (kdprune/resume.py);
-    its summary is that of the finished run. Every finished stage is recorded, whoever ran it (flow, CLI, DVC).
-    """
-    from kdprune import resume as resume_mod
-
-    if name not in STAGES:
-        raise KdpruneError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
-    extra = _stage_inputs_beyond_dvc(name, tracker)
-    tags = {"kdprune.stage": name, **run_context(paths.root)}
-    output = stage_outputs(paths).get(name)
-    if resume and (done := resume_mod.completed(paths.root, name, params, extra)) is not None:
-        print(f"{name}: skipped, outputs up to date (inputs unchanged since it last finished)")
-        with tracker.run(name, tags={**tags, "kdprune.skipped": "outputs up to date"}) as run:
-            run.log_metrics({k: v for k, v in done.items() if not isinstance(v, dict)})
-            if output is not None and output.is_file():
-                run.set_tags({"kdprune.output_sha256": file_hash(output)})
-        return done
-    with tracker.run(name, tags=tags) as run:
-        summary = STAGES[name](params, paths, run, device, **options)
-        if output is not None and output.is_file():  # how register finds the run that made each input
-            run.set_tags({"kdprune.output_sha256": file_hash(output)})
-    if name != "register" or summary.get("version") is not None or isinstance(tracker, NullTracker):
-        resume_mod.mark_done(paths.root, name, params, summary, extra)  # a registration that never reached the registry is not done
-    return summary
-
-
-def stage_outputs(paths: Paths) -> dict[str, Path]:
-    """The main output of each stage (the file later stages read)."""
-    return {"prepare": paths.prepared, "search-teacher": paths.search_best("teacher"), "teacher": paths.model("teacher"),
-            "search-student": paths.search_best("student"), "compare": paths.compare_json,
-            "student": paths.model("student"), "distill": paths.model("distilled"), "prune": paths.model("pruned"),
-            "evaluate": paths.report_json, "register": paths.registration}

@@ -1,4 +1,4 @@
-"""One Prefect task per pipeline stage; each only calls kdprune.stages.run_stage."""
+"""One Prefect task per pipeline stage; each only calls kdprune.runner.run_stage."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from prefect.cache_policies import NONE
 from prefect.tasks import exponential_backoff
 
 from kdprune.errors import DownloadError
-from kdprune.stages import run_stage
+from kdprune.runner import run_stage
 
 
 def _download_failed(task, task_run, state) -> bool:

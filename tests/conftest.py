@@ -196,7 +196,8 @@ def imagefolder(tmp_path) -> Path:
 def trained_project(tmp_path_factory) -> Path:
     """prepare .. evaluate run once in-process on digits with tiny params (NullTracker); copy it before writing."""
     from kdprune import config
-    from kdprune.stages import Paths, run_stage
+    from kdprune.project import Paths
+    from kdprune.runner import run_stage
     from kdprune.tracking import NullTracker
     import torch
 

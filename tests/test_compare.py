@@ -9,7 +9,7 @@ import torch
 from search_fixtures import GOOD_POINT, prepared_digits, search_raw, search_root  # noqa: F401
 from kdprune import compare as compare_mod, config
 from kdprune.project import Paths
-from kdprune.stages import run_stage
+from kdprune.runner import run_stage
 from kdprune.tracking import NullTracker
 
 CPU = torch.device("cpu")

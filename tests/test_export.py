@@ -14,7 +14,8 @@ from kdprune.errors import KdpruneError
 from kdprune.export import OrtModel, export_checked
 from kdprune.io import read_json
 from kdprune.serving import with_normalization
-from kdprune.stages import Paths, run_stage
+from kdprune.project import Paths
+from kdprune.runner import run_stage
 
 CPU = torch.device("cpu")
 

@@ -30,7 +30,9 @@ def test_pipeline_flow_end_to_end(prefect_harness, workdir):
     from mlflow.tracking import MlflowClient
 
     from flows.pipeline import pipeline
-    from kdprune.stages import MODEL_NAMES, STAGES, Paths
+    from kdprune.project import Paths
+    from kdprune.runner import STAGES
+    from kdprune.stages import MODEL_NAMES
 
     params_path = write_params(workdir / "params.yaml", tiny_params_dict())
     state = pipeline(params_path=str(params_path), device="cpu", root=str(workdir), return_state=True)

@@ -16,7 +16,8 @@ from kdprune import config, data
 from kdprune.checkpoint import load_model
 from kdprune.cli import main
 from kdprune.serving import with_normalization
-from kdprune.stages import Paths, run_stage
+from kdprune.project import Paths
+from kdprune.runner import run_stage
 from kdprune.tracking import MlflowTracker
 
 CPU = torch.device("cpu")

@@ -10,7 +10,8 @@ import torch
 from conftest import all_runs, mlflow_uri, tiny_params_dict
 from kdprune import config
 from kdprune.io import read_json
-from kdprune.stages import Paths, run_stage
+from kdprune.project import Paths
+from kdprune.runner import run_stage
 from kdprune.tracking import MlflowTracker
 from kdprune.train import Split, evaluate as evaluate_split
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import VENV_BIN, all_runs, fresh_mlflow_store, subprocess_env
-from kdprune.stages import Paths, run_stage
+from kdprune.project import Paths
+from kdprune.runner import run_stage
 from kdprune.tracking import MlflowTracker
 
 pytestmark = pytest.mark.slow

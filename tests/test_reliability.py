@@ -78,7 +78,8 @@ def test_process_token_tells_a_dead_process():
 
 # ------------------------------------------------------------------------------------------ resume records
 def test_resume_skips_an_unchanged_stage_and_reruns_a_changed_one(project, tiny_params, capsys):
-    from kdprune.stages import Paths, run_stage
+    from kdprune.project import Paths
+    from kdprune.runner import run_stage
     from kdprune.tracking import NullTracker
 
     paths, cpu = Paths(project), "cpu"
@@ -111,7 +112,8 @@ def test_folder_outputs_are_hashed_by_their_files(tmp_path):
 
 
 def test_resume_follows_upstream_outputs_and_unrelated_params(project, tiny_params):
-    from kdprune.stages import Paths, run_stage
+    from kdprune.project import Paths
+    from kdprune.runner import run_stage
     from kdprune.tracking import NullTracker
 
     paths = Paths(project)
@@ -245,12 +247,12 @@ def test_disk_full_is_one_line_and_no_run_left_running(project, capsys, monkeypa
 
 
 def test_interrupt_exits_130_with_one_line_and_runs_killed(project, capsys, monkeypatch):
-    from kdprune import stages
+    from kdprune import runner
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(stages.STAGES, "student", interrupted)
+    monkeypatch.setitem(runner.STAGES, "student", interrupted)
     assert main(["stage", "student"]) == 130
     assert "interrupted" in error_line(capsys.readouterr().err)
     runs = assert_no_run_left_running(project)

@@ -47,7 +47,7 @@ def test_remote_dask_with_a_server_storage_is_accepted():
 @pytest.mark.parametrize("runner", ["processes", "dask"])
 def test_search_on_postgres_with_two_workers_accounts_for_every_trial(search_root, postgres, monkeypatch, runner):
     from kdprune import config
-    from kdprune.stages import Paths
+    from kdprune.project import Paths
     from kdprune.tracking import NullTracker
     from flows.search import run_search
     import torch
@@ -217,7 +217,7 @@ def test_pipeline_logs_to_an_mlflow_server_backed_by_postgres(workdir, tiny_raw,
         assert done.returncode == 0, done.stderr[-3000:]
         client = MlflowClient(url)
         runs = all_runs(url)
-        from kdprune.stages import STAGES
+        from kdprune.runner import STAGES
 
         assert sorted(r.info.run_name for r in runs) == sorted(["pipeline", *STAGES])
         assert {r.info.status for r in runs} == {"FINISHED"}

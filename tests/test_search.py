@@ -26,7 +26,7 @@ from kdprune import search as search_mod
 from kdprune.config import SearchParams, SearchSpace
 from kdprune.errors import KdpruneError
 from kdprune.project import Paths, apply_point, effective_params, new_model
-from kdprune.stages import run_stage
+from kdprune.runner import run_stage
 from kdprune.tracking import MlflowTracker, NullTracker
 
 State = optuna.trial.TrialState

@@ -20,7 +20,8 @@ from PIL import Image
 from conftest import VENV_BIN, subprocess_env, tiny_params_dict
 from kdprune import config, data
 from kdprune.predict import softmax
-from kdprune.stages import Paths, run_stage
+from kdprune.project import Paths
+from kdprune.runner import run_stage
 from kdprune.tracking import MlflowTracker
 
 

@@ -13,7 +13,10 @@ from kdprune import config
 from kdprune.checkpoint import load_model
 from kdprune.errors import KdpruneError
 from kdprune.io import read_json
-from kdprune.stages import MODEL_NAMES, STAGES, Paths, format_table, run_stage
+from kdprune.project import Paths
+from kdprune.report import format_table
+from kdprune.runner import STAGES, run_stage
+from kdprune.stages import MODEL_NAMES
 from kdprune.serving import with_normalization
 from kdprune.tracking import NullTracker
 
