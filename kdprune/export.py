@@ -8,6 +8,7 @@ inside the functions, so `import kdprune.export` stays light.
 from __future__ import annotations
 
 import importlib
+import math
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,9 @@ def parity(model: nn.Module, onnx_path: str | Path, images: torch.Tensor, batch:
     for start in range(0, len(images), batch):
         x = images[start:start + batch].float().div(255)
         ours, theirs = model(x).float(), ort_model(x)
-        worst = max(worst, float((ours - theirs).abs().max()))
+        gap = float((ours - theirs).abs().max()) if len(x) else 0.0
+        # NaN compares false with everything, so max() would drop it: a non-finite logit is an infinite gap
+        worst = max(worst, gap if math.isfinite(gap) else math.inf)
         agree += int((ours.argmax(1) == theirs.argmax(1)).sum())
     return {"max_abs_diff": worst, "top1_agreement": agree / max(1, len(images)), "images": len(images)}
 

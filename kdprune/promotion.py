@@ -13,7 +13,9 @@ from kdprune.config import Params
 from kdprune.io import json_field, read_json, write_json
 from kdprune.lineage import file_hash, lineage_tags
 from kdprune.project import Paths, stage_outputs
-from kdprune.serving import predict_pixels, served_pruned
+from kdprune.errors import KdpruneError
+from kdprune.export import OrtModel
+from kdprune.serving import served_logits, served_pruned
 from kdprune.tracking import NullTracker
 
 
@@ -26,14 +28,14 @@ def _score_champion(tracker, champion: dict, candidate: dict, val_x: torch.Tenso
     if why:
         return why
     try:
-        predicted = predict_pixels(tracker.load_registered(champion["uri"]), val_x)
+        logits = served_logits(tracker.load_registered(champion["uri"]), val_x)
     except Exception as error:  # noqa: BLE001 - a foreign, broken or unreachable model: never promote blindly
         return (f"champion v{champion['version']} could not be scored on this validation split "
                 f"({error.__class__.__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
                 f"alias left on it")
-    if predicted.shape != val_y.shape:
+    if logits.shape[:1] != val_y.shape:
         return f"champion v{champion['version']} gives outputs of another shape; alias left on it"
-    champion["correct"] = (predicted == val_y).tolist()
+    champion["correct"] = (logits.argmax(1) == val_y).tolist()
     return None
 
 
@@ -43,12 +45,20 @@ def register(params: Params, paths: Paths, tracker=NullTracker()) -> dict:
     Reading the champion, registering and moving the alias happen under the registry lock, so concurrent runs
     decide one after the other, each against the champion of that moment.
     """
-    served, payload = served_pruned(params, paths)
+    _, payload = served_pruned(params, paths)
+    if not paths.onnx.is_file():
+        raise KdpruneError(f"{paths.onnx}: the served ONNX model is missing; run the export stage first")
+    served = OrtModel(paths.onnx)  # the file that is registered and served is the one the gate scores
     where = paths.report_json
     report = read_json(where, "the evaluate stage's report")
     prepared = data_mod.load_prepared(paths.prepared)
     val_x, val_y = prepared["val_x"], prepared["val_y"]
-    correct = (predict_pixels(served, val_x) == val_y).tolist()
+    logits = served_logits(served, val_x)
+    if not torch.isfinite(logits).all():
+        bad = int((~torch.isfinite(logits)).any(1).sum())
+        raise KdpruneError(f"{paths.onnx}: non-finite logits on {bad} of {len(val_x)} validation images; "
+                           f"not registered")
+    correct = (logits.argmax(1) == val_y).tolist()
     row = ("models", "pruned")
     candidate = {"val_accuracy": round(sum(correct) / len(correct), 4),
                  "test_accuracy": json_field(where, report, *row, "test_accuracy"),
@@ -62,10 +72,8 @@ def register(params: Params, paths: Paths, tracker=NullTracker()) -> dict:
     run_ids["register"] = tracker.run_id
     tags = {**{k: (json.dumps(v) if isinstance(v, list) else v) for k, v in candidate.items()},
             **lineage_tags(params, paths.root, prepared["dataset_id"], run_ids)}
-    model = tracker.log_model(served, "model", val_x[:2].float().div(255).numpy(),
+    model = tracker.log_model(paths.onnx, "model", val_x[:2].float().div(255).numpy(),
                               metadata={"classes": list(payload["classes"])})
-    if paths.onnx.is_file():
-        tracker.log_artifact(paths.onnx)
     with tracker.registry_lock(name):
         champion = tracker.champion(name, alias)
         why_not = _score_champion(tracker, champion, candidate, val_x, val_y) if champion else None

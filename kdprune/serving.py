@@ -34,11 +34,11 @@ def with_normalization(model: torch.nn.Module, mean: list[float], std: list[floa
 
 
 @torch.no_grad()
-def predict_pixels(model, pixels: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Predicted classes of uint8 images (N, C, H, W) by a served model, which takes pixels / 255."""
-    out = [model(pixels[start:start + batch_size].float().div(255)).argmax(1)
+def served_logits(model, pixels: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Logits of uint8 images (N, C, H, W) by a served model, which takes pixels / 255."""
+    out = [model(pixels[start:start + batch_size].float().div(255)).float()
            for start in range(0, len(pixels), batch_size)]
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+    return torch.cat(out) if out else torch.zeros(0, 0)
 
 
 def served_pruned(params, paths) -> tuple[torch.nn.Module, dict]:

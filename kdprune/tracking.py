@@ -53,7 +53,7 @@ class NullTracker:
     def log_text(self, text: str, name: str) -> None: ...
     def set_tags(self, tags: dict) -> None: ...
 
-    def log_model(self, model, name: str, input_example, metadata: dict | None = None) -> dict | None:
+    def log_model(self, onnx_path, name: str, input_example, metadata: dict | None = None) -> dict | None:
         return None
 
     def champion(self, model_name: str, alias: str) -> dict | None:
@@ -145,10 +145,23 @@ class MlflowTracker:
         mlflow.set_tracking_uri(self.tracking_uri)
         self.client = MlflowClient(self.tracking_uri)
         name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "kdprune"
-        found = self.client.get_experiment_by_name(name)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
-            name, artifact_location=_artifacts_beside(self.tracking_uri))
+        self.experiment_id = self._experiment(name)
         self.run_id = run_id
+
+    def _experiment(self, name: str) -> str:
+        """The id of experiment `name`, created if missing. Safe when several processes meet a new store at once:
+        the loser of the create (an IntegrityError or RESOURCE_ALREADY_EXISTS, by store) uses the winner's."""
+        found = self.client.get_experiment_by_name(name)
+        if found:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=_artifacts_beside(self.tracking_uri),
+                                                 tags={"mlflow.experimentKind": "custom_model_development"})
+        except Exception:  # noqa: BLE001 - SQLAlchemy, REST and file stores each raise their own type
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
 
     def __getstate__(self) -> dict:
         # Process and Dask workers rebuild the client from the URI; the run id keeps them nested.
@@ -262,16 +275,18 @@ class MlflowTracker:
     def log_text(self, text: str, name: str) -> None:
         self._logged(f"artifact {name}", self.client.log_text, self.run_id, text, name)
 
-    def log_model(self, model, name: str, input_example, metadata: dict | None = None) -> dict | None:
-        """Log a PyTorch model (torch.export format; signature inferred from the example; `metadata`, such as the
-        class names, kept in its MLmodel file): its URI and model id (None when the store failed mid-run)."""
-        import torch
+    def log_model(self, onnx_path: str | Path, name: str, input_example, metadata: dict | None = None) -> dict | None:
+        """Log the served ONNX file as an MLflow model (onnx flavour: ONNX Runtime loads it, nothing is unpickled;
+        signature inferred from the example; `metadata`, such as the class names, kept in its MLmodel file): its URI
+        and model id (None when the store failed mid-run)."""
+        import onnx
+        import onnxruntime
 
         def log() -> dict:
             with self._mlflow.start_run(run_id=self.run_id):
-                info = self._mlflow.pytorch.log_model(
-                    model, name=name, input_example=input_example, metadata=metadata,
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                info = self._mlflow.onnx.log_model(
+                    onnx.load(str(onnx_path)), name=name, input_example=input_example, metadata=metadata,
+                    save_as_external_data=False, pip_requirements=[f"onnxruntime=={onnxruntime.__version__}"],
                 )
             self.client.update_run(self.run_id, status="RUNNING")  # start_run's exit marked it finished
             return {"uri": info.model_uri, "model_id": info.model_id}
@@ -294,9 +309,9 @@ class MlflowTracker:
             raise
         return {**version.tags, "version": str(version.version), "uri": f"models:/{model_name}/{version.version}"}
 
-    def load_registered(self, uri: str):
-        """A registered model (`models:/NAME@ALIAS`, `models:/NAME/3`) as a torch module one can `.eval()`."""
-        return eval_safe(self._mlflow.pytorch.load_model(uri, map_location="cpu"))
+    def load_registered(self, uri: str) -> RegisteredModel:
+        """A registered model (`models:/NAME@ALIAS`, `models:/NAME/3`), loaded from its ONNX file only."""
+        return load_registered_model(uri, self.tracking_uri)
 
     @contextmanager
     def registry_lock(self, model_name: str, timeout_s: float = 600, stale_s: float = 900) -> Iterator[None]:
@@ -396,52 +411,61 @@ class MlflowTracker:
         return run.info.run_id
 
 
-class ExportedModel(torch.nn.Module):
-    """A model loaded from the registry's torch.export format: callable, and `.eval()` works (a no-op)."""
-
-    def __init__(self, exported):
-        super().__init__()
-        self.exported = exported
-
-    def train(self, mode: bool = True):
-        self.training = mode  # the exported graph's inference behaviour was fixed when it was exported
-        return self
-
-    def forward(self, x):
-        return self.exported(x)
-
-
-def eval_safe(model):
-    """torch.export's modules refuse `.train()`/`.eval()` (NotImplementedError); wrap one so both work."""
-    try:
-        model.eval()
-        return model
-    except NotImplementedError:
-        return ExportedModel(model)
-
-
 class RegisteredModel:
-    """A registry model loaded for prediction through MLflow's pyfunc loader (what `mlflow models serve` runs)."""
+    """A registry model for prediction: its ONNX file in an ONNX Runtime session, with its classes and input shape.
 
-    def __init__(self, uri: str, pyfunc_model):
+    Callable on torch tensors (images in [0, 1]) like the served torch model, so the gate scores it the same way.
+    """
+
+    def __init__(self, uri: str, onnx_file: Path, classes: list[str] | None):
+        from kdprune.export import OrtModel
+
         self.uri = uri
-        self._model = pyfunc_model
-        shape = pyfunc_model.metadata.get_input_schema().inputs[0].shape  # (-1, C, H, W)
-        self.input_shape = tuple(int(d) for d in shape[1:])
-        n_classes = int(pyfunc_model.metadata.get_output_schema().inputs[0].shape[-1])
-        self.classes = list((pyfunc_model.metadata.metadata or {}).get("classes") or map(str, range(n_classes)))
+        self._model = OrtModel(onnx_file)
+        self.input_shape = tuple(int(d) for d in self._model.session.get_inputs()[0].shape[1:])  # [batch, C, H, W]
+        n_classes = self._model.session.get_outputs()[0].shape[-1]
+        self.classes = [str(c) for c in classes] if classes else [str(i) for i in range(int(n_classes))]
 
     def logits(self, images):
         """Float N x C x H x W images in [0, 1] (numpy) -> N x classes logits (numpy)."""
-        return self._model.predict(images)
+        return self._model(torch.from_numpy(images)).numpy()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._model(x)
+
+
+def _onnx_file(model_uri: str, version: str, folder: Path) -> tuple[Path, dict]:
+    """The ONNX file of a downloaded registry model and its MLmodel metadata; anything else is refused in one line.
+
+    Only the `onnx` flavour is accepted: a pickle-based flavour (pytorch, sklearn, a custom python_function) could
+    run code when loaded, and the registry holds whatever anyone with write access put there.
+    """
+    import yaml
+
+    try:
+        spec = yaml.safe_load((folder / "MLmodel").read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise KdpruneError(f"{model_uri}: version {version} has no readable MLmodel file ({_first_line(error)})") from None
+    flavors = spec.get("flavors") if isinstance(spec, dict) else None
+    flavors = flavors if isinstance(flavors, dict) else {}
+    data = (flavors.get("onnx") or {}).get("data") if isinstance(flavors.get("onnx"), dict) else None
+    file = (folder / str(data)).resolve() if data else None
+    if file is None or file.suffix != ".onnx" or folder.resolve() not in file.parents or not file.is_file():
+        raise KdpruneError(f"{model_uri}: version {version} is not an ONNX model (flavours: "
+                           f"{', '.join(sorted(map(str, flavors))) or 'none'}); kdprune loads only ONNX models from "
+                           f"the registry, never pickled code: not loaded")
+    metadata = spec.get("metadata")
+    return file, metadata if isinstance(metadata, dict) else {}
 
 
 def load_registered_model(model_uri: str, tracking_uri: str | None = None) -> RegisteredModel:
     """Load `models:/NAME@ALIAS` or `models:/NAME/VERSION` from the registry; every problem is one KdpruneError line.
 
-    Reads only: a missing SQLite store is an error, not a new empty one.
+    The one registered-model loader (the gate and `kdprune predict`): it reads the ONNX file into ONNX Runtime and
+    never calls MLflow's flavour loaders, so nothing from the registry is unpickled or imported. Reads only: a
+    missing SQLite store is an error, not a new empty one.
     """
-    from kdprune.errors import KdpruneError
+    import tempfile
 
     tracking_uri = tracking_uri or default_tracking_uri()
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
@@ -451,6 +475,7 @@ def load_registered_model(model_uri: str, tracking_uri: str | None = None) -> Re
     if not model_uri.startswith("models:/") or not name or not (alias or version):
         raise KdpruneError(f"{model_uri}: expected a model URI models:/NAME@ALIAS or models:/NAME/VERSION, or a file")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # predict's output is its answer
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -461,12 +486,19 @@ def load_registered_model(model_uri: str, tracking_uri: str | None = None) -> Re
     except MlflowException:
         raise KdpruneError(f"{model_uri}: no registered model {name!r} in {tracking_uri}") from None
     try:
-        client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException:
         what = f"alias {alias!r}" if alias else f"version {version!r}"
         raise KdpruneError(f"{model_uri}: registered model {name!r} has no {what}") from None
     mlflow.set_tracking_uri(tracking_uri)
-    try:
-        return RegisteredModel(model_uri, mlflow.pyfunc.load_model(model_uri))
-    except MlflowException as error:
-        raise KdpruneError(f"{model_uri}: cannot be loaded ({str(error).splitlines()[0]})") from None
+    with tempfile.TemporaryDirectory(prefix="kdprune-registry-") as tmp:
+        try:  # downloading runs nothing: the files are only read below
+            folder = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{found.version}", dst_path=tmp))
+        except (MlflowException, OSError) as error:
+            raise KdpruneError(f"{model_uri}: cannot be downloaded ({_first_line(error)})") from None
+        onnx_file, metadata = _onnx_file(model_uri, str(found.version), folder)
+        try:  # the session holds the graph in memory: the temporary folder may go
+            return RegisteredModel(model_uri, onnx_file, metadata.get("classes"))
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types for a corrupt graph
+            raise KdpruneError(f"{model_uri}: version {found.version}'s ONNX file cannot be loaded "
+                               f"({_first_line(error)})") from None

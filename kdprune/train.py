@@ -87,6 +87,17 @@ def _show_progress() -> bool:
     return sys.stderr.isatty() and not os.environ.get("CI")
 
 
+def _check_finite(stage: str, first_bad_step: int, model: nn.Module, epoch: int, step: int) -> None:
+    """Raise TrainingDiverged when a loss of this epoch was NaN/inf, or when the weights are (an update can blow them
+    up while its own loss was still finite, e.g. on the last step): such a model is never saved or scored."""
+    if first_bad_step >= 0:
+        raise TrainingDiverged(f"{stage}: the loss became non-finite at step {first_bad_step + 1} (epoch {epoch}); "
+                               f"lower the learning rate or check the data")
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise TrainingDiverged(f"{stage}: the weights became non-finite by step {step} (epoch {epoch}); "
+                               f"lower the learning rate or check the data")
+
+
 def fit(
     model: nn.Module,
     train: Split,
@@ -103,7 +114,8 @@ def fit(
     """Train `model` on `train` for `params.epochs`; return the trained (or weight-averaged) model and the curves.
 
     Each curve row: epoch, train_loss, train_accuracy, val_loss, val_accuracy, lr, seconds. Validation is only
-    observed, never used to pick weights. A NaN/inf loss raises TrainingDiverged naming the stage and epoch.
+    observed, never used to pick weights. A NaN/inf loss at any step, or non-finite
+    weights after an epoch, raise TrainingDiverged naming the stage and step.
     `after_backward(model)` runs between each backward pass and optimizer step (e.g. a sparsity penalty that
     adds to the gradients).
     """
@@ -146,6 +158,7 @@ def fit(
         order = torch.randperm(len(train), device=device, generator=generator)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
+        first_bad = torch.full((), -1, device=device, dtype=torch.long)  # the first non-finite step, kept on device
         for i in range(steps_per_epoch):
             index = order[i * batch_size:(i + 1) * batch_size]
             x = augment(train.inputs(index), params.augment, generator)
@@ -168,12 +181,12 @@ def fit(
             optimizer.step()
             if ema is not None:
                 ema.update_parameters(model)
+            first_bad.masked_fill_((first_bad < 0) & ~torch.isfinite(loss.detach()), step)
             loss_sum += loss.detach()
             correct += (logits.detach().argmax(1) == y).sum()
             step += 1
         train_loss = distributed.mean(loss_sum / steps_per_epoch).item()  # one sync per epoch
-        if not torch.isfinite(torch.tensor(train_loss)):
-            raise TrainingDiverged(f"{stage}: loss became {train_loss} at epoch {epoch}")
+        _check_finite(stage, int(first_bad), model, epoch, step)
         scored = ema.module if ema is not None else model
         val_metrics = evaluate(scored, val, tta=params.tta)
         row = {

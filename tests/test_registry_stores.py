@@ -17,7 +17,7 @@ import torch
 from conftest import VENV_BIN, all_runs, fresh_mlflow_store, subprocess_env
 from kdprune.project import Paths
 from kdprune.runner import run_stage
-from kdprune.tracking import MlflowTracker
+from kdprune.tracking import MlflowTracker, NullTracker
 
 pytestmark = pytest.mark.slow
 
@@ -87,9 +87,9 @@ def test_registration_over_http(project, tiny_params, mlflow_server, monkeypatch
     tags = client.get_model_version(name, "1").tags
     assert tags["lineage.run.evaluate"] and tags["lineage.run.register"]
 
-    # the champion comes back over HTTP (served artifacts), and `.eval()` works on what is returned
+    # the champion (its ONNX file) comes back over HTTP (served artifacts)
     prepared = torch.load(paths.prepared, weights_only=True)
-    champion = tracker.load_registered(f"models:/{name}@champion").eval()
+    champion = tracker.load_registered(f"models:/{name}@champion")
     with torch.no_grad():
         right = (champion(prepared["val_x"].float() / 255).argmax(1) == prepared["val_y"]).float().mean().item()
     assert right == pytest.approx(float(tags["val_accuracy"]), abs=1e-4)
@@ -108,7 +108,7 @@ def _variant(payload, kind: str) -> None:
         state[bias][3 if kind == "class3" else 0] = 1.0
 
 
-def test_four_concurrent_registrations(trained_project, tmp_path):
+def test_four_concurrent_registrations(trained_project, tmp_path, tiny_params):
     """Four processes register at once into one SQLite store: every version exists, the alias ends on the best."""
     from mlflow.tracking import MlflowClient
 
@@ -125,6 +125,7 @@ def test_four_concurrent_registrations(trained_project, tmp_path):
             payload = torch.load(path, weights_only=True)
             _variant(payload, kind)
             torch.save(payload, path)
+            run_stage("export", tiny_params, Paths(folder), NullTracker(), CPU)  # the served file follows it
         projects[kind] = folder
     env = subprocess_env(MLFLOW_TRACKING_URI=uri)
     procs = {kind: subprocess.Popen([str(VENV_BIN / "kdprune"), "stage", "register"], cwd=folder, env=env,

@@ -227,9 +227,10 @@ def test_pipeline_logs_to_an_mlflow_server_backed_by_postgres(workdir, tiny_raw,
         assert list((server_dir / "artifacts").rglob("teacher.pt"))  # stored where the server keeps artifacts
         champion = client.get_model_version_by_alias("kdprune-test", "champion")
         assert champion.version == "1"
-        mlflow.set_tracking_uri(url)
-        model = mlflow.pytorch.load_model("models:/kdprune-test@champion")
-        assert model(__import__("torch").from_numpy(np.zeros((2, 1, 8, 8), np.float32))).shape == (2, 10)
+        from kdprune.tracking import load_registered_model
+
+        model = load_registered_model("models:/kdprune-test@champion", url)
+        assert model.logits(np.zeros((2, 1, 8, 8), np.float32)).shape == (2, 10)
     assert not (workdir / "mlruns").exists() and not (workdir / "mlartifacts").exists()  # nothing went local
 
 

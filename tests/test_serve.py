@@ -75,7 +75,7 @@ def test_served_champion_answers_like_predict(project):
             request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
                                              headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(request, timeout=60) as response:
-                logits = np.array(json.loads(response.read())["predictions"], dtype=np.float32)
+                logits = np.array(json.loads(response.read())["predictions"]["logits"], dtype=np.float32)
         finally:
             os.killpg(server.pid, signal.SIGTERM)  # the server's own session: it and its workers
             try:

@@ -135,6 +135,32 @@ def test_infinite_loss_in_a_later_epoch_names_that_epoch():
         fit(InfModel(steps_per_epoch), train, val, params, stage="distilled")
 
 
+def test_a_divergence_on_the_very_last_step_is_caught_although_every_loss_was_finite():
+    # the last update blows the weights up; its own loss was computed before, so every epoch loss is finite
+    train, val = splits()
+    total = (len(train) // TRAIN.batch_size) * TRAIN.epochs
+    steps = []
+
+    def poison_last_step(model):
+        steps.append(1)
+        if len(steps) == total:
+            for p in model.parameters():
+                p.grad.fill_(float("nan"))
+
+    with pytest.raises(TrainingDiverged, match=rf"teacher: the weights became non-finite by step {total} "):
+        fit(tiny_model(), train, val, TRAIN, stage="teacher", after_backward=poison_last_step)
+    assert len(steps) == total
+
+
+def test_a_non_finite_loss_names_its_step():
+    train, val = splits()
+    steps_per_epoch = len(train) // TRAIN.batch_size
+    model = InfModel(steps_per_epoch + 2)  # finite for one epoch and two steps: step 3 of epoch 2 is +inf
+    with pytest.raises(TrainingDiverged, match=rf"student: the loss became non-finite at step {steps_per_epoch + 3} "
+                                               r"\(epoch 2\)"):
+        fit(model, train, val, TRAIN, stage="student")
+
+
 def test_predict_logits_with_tta_averages_mirrors():
     _, val = splits()
     model = tiny_model().eval()
