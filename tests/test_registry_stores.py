@@ -145,3 +145,50 @@ def test_four_concurrent_registrations(trained_project, tmp_path, tiny_params):
     assert str(client.get_model_version_by_alias(name, "champion").version) == results["best"]["version"]
     assert [m.name for m in client.search_registered_models()] == [name]
     assert all(r.info.status == "FINISHED" for r in all_runs(uri))
+
+
+RACE_SCRIPT = """
+import sys, time
+from kdprune.tracking import MlflowTracker
+import mlflow  # imported before the start line, so the processes meet the store together
+start_at = float(sys.argv[2])
+time.sleep(max(0.0, start_at - time.time()))
+print(MlflowTracker(sys.argv[1], experiment=sys.argv[3]).experiment_id)
+"""
+
+
+@pytest.mark.parametrize("round_", range(2))
+def test_processes_meeting_a_new_store_at_once_share_one_experiment(tmp_path, round_):
+    """Four processes create the same experiment at the same instant: the losers use the winner's, none fails."""
+    uri = fresh_mlflow_store(tmp_path)
+    start_at = str(time.time() + 12)  # after every process has imported mlflow
+    procs = [subprocess.Popen([str(VENV_BIN / "python"), "-c", RACE_SCRIPT, uri, start_at, "race"],
+                              env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), [err[-2000:] for _, err in outputs]
+    ids = {out.strip() for out, _ in outputs}
+    from mlflow.tracking import MlflowClient
+
+    (experiment,) = [e for e in MlflowClient(uri).search_experiments() if e.name == "race"]
+    assert ids == {experiment.experiment_id}
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on its runs
+
+
+def test_the_loser_of_the_experiment_race_uses_the_winners(tmp_path, monkeypatch):
+    """Deterministically the losing side of that race: the experiment appears between our look-up and our create
+    (another process made it), so the create fails in the real store and the winner's experiment is used."""
+    from mlflow.tracking import MlflowClient
+
+    uri = fresh_mlflow_store(tmp_path)
+    winner = MlflowClient(uri).create_experiment("race")
+    looked_up = []
+    real = MlflowClient.get_experiment_by_name
+
+    def first_miss(self, name):
+        looked_up.append(name)
+        return None if len(looked_up) == 1 else real(self, name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", first_miss)
+    assert MlflowTracker(uri, experiment="race").experiment_id == winner
+    assert looked_up == ["race", "race"]
