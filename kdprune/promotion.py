@@ -81,7 +81,8 @@ def register(params: Params, paths: Paths, tracker=NullTracker()) -> dict:
             decision = registry.Decision(False, why_not, {"champion_version": champion["version"]})
         else:
             decision = registry.decide({**candidate, "correct": correct}, champion, params.registry)
-        version = tracker.register(model, name, {**tags, "promotion": decision.reason[:5000]}) if model else None
+        version = (tracker.register(model, name, {**tags, "promotion": decision.reason[:5000]}, decision.promote)
+                   if model else None)
         promote, reason = decision.promote, decision.reason
         if version is None:
             promote, reason = False, "tracking is off: nothing registered"

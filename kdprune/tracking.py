@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,22 @@ HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQU
                        "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 # Per tracking URI: the first error once the store became unusable mid-run, and what could not be logged since.
 _LOST: dict[str, dict] = {}
+# A version registered as promoted carries this tag until its alias is set: left behind only by a killed run.
+ALIAS_PENDING = "kdprune.alias_pending"
+
+
+def _dead_holder(tags: dict, lease_s: float) -> str | None:
+    """Why the holder of a registry lock is dead (its process gone on this host, or its heartbeat stale), else None."""
+    host, token = tags.get("kdprune.host"), tags.get("kdprune.process")
+    if host == socket.gethostname() and token and not process_alive(token):
+        return f"its holder, {tags.get('holder', token)}, is no longer running"
+    try:
+        age = time.time() - float(tags.get("kdprune.heartbeat", ""))
+    except ValueError:
+        return None  # a lock from an older kdprune: wait for it (or delete it by hand)
+    if age > lease_s:
+        return f"its holder, {tags.get('holder', '?')}, last renewed it {age:.0f} s ago"
+    return None
 
 
 def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
@@ -63,7 +80,7 @@ class NullTracker:
     def registry_lock(self, model_name: str) -> Iterator[None]:
         yield
 
-    def register(self, model: dict, model_name: str, tags: dict) -> str | None:
+    def register(self, model: dict, model_name: str, tags: dict, alias_pending: bool = False) -> str | None:
         return None
 
     def set_alias(self, model_name: str, alias: str, version: str) -> None: ...
@@ -314,26 +331,29 @@ class MlflowTracker:
         return load_registered_model(uri, self.tracking_uri)
 
     @contextmanager
-    def registry_lock(self, model_name: str, timeout_s: float = 600, stale_s: float = 900) -> Iterator[None]:
+    def registry_lock(self, model_name: str, timeout_s: float = 600, lease_s: float = 60) -> Iterator[None]:
         """Hold `NAME.lock` while deciding the alias, so two runs' read-champion .. set-alias never interleave.
 
         The lock is a registered model: creating one is atomic in every MLflow store (a unique name), over HTTP
-        too. A lock older than `stale_s` (its holder died) is taken over.
+        too. It names its holder (host, pid and start time) and carries a heartbeat the holder renews every
+        `lease_s / 4` s. A lock whose holder is dead is taken over at once: on this host when its process is gone,
+        from elsewhere when its heartbeat is older than `lease_s`. Waiting prints a line naming the holder.
         """
         import random
-        import socket
+        import threading
 
         from mlflow.exceptions import MlflowException
 
         if self.tracking_uri in _LOST:  # the store failed mid-run: nothing will be registered
             yield
             return
-        lock, deadline = f"{model_name}.lock", time.monotonic() + timeout_s
-        holder = f"{socket.gethostname()} pid {os.getpid()} run {self.run_id}"
+        lock, deadline, said = f"{model_name}.lock", time.monotonic() + timeout_s, 0.0
+        tags = {"holder": f"{socket.gethostname()} pid {os.getpid()} run {self.run_id}",
+                "kdprune.host": socket.gethostname(), "kdprune.process": process_token(),
+                "kdprune.heartbeat": f"{time.time():.3f}"}
         while True:
             try:
-                self.client.create_registered_model(lock, tags={"holder": holder},
-                                                    description="held by a kdprune run deciding the alias")
+                self.client.create_registered_model(lock, tags=tags, description="held by a kdprune run deciding the alias")
                 break
             except MlflowException as error:
                 if error.error_code == "RESOURCE_DOES_NOT_EXIST":
@@ -344,18 +364,51 @@ class MlflowTracker:
                 held = self.client.get_registered_model(lock)
             except MlflowException:
                 continue  # released meanwhile
-            age = time.time() - held.creation_timestamp / 1000
-            if age > stale_s:
+            why_dead = _dead_holder(held.tags, lease_s)
+            if why_dead:
+                print(f"register: taking over registry lock {lock!r} ({why_dead})", file=sys.stderr, flush=True)
                 self._release(lock)
                 continue
+            holder = held.tags.get("holder", "?")
             if time.monotonic() > deadline:
-                raise KdpruneError(f"registry lock {lock!r} held for {age:.0f} s by {held.tags.get('holder', '?')}; "
+                raise KdpruneError(f"registry lock {lock!r} still held by {holder} after {timeout_s:.0f} s; "
                                    f"delete that registered model if its run is dead")
+            if time.monotonic() - said > 30:
+                print(f"register: waiting for registry lock {lock!r}, held by {holder}", file=sys.stderr, flush=True)
+                said = time.monotonic()
             time.sleep(0.2 + random.random() * 0.5)
+        stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(lock, lease_s / 4, stop), daemon=True)
+        beat.start()
         try:
+            self._reconcile_orphans(model_name)
             yield
         finally:
+            stop.set()
+            beat.join()
             self._release(lock)
+
+    def _heartbeat(self, lock: str, every_s: float, stop) -> None:
+        while not stop.wait(every_s):
+            try:
+                self.client.set_registered_model_tag(lock, "kdprune.heartbeat", f"{time.time():.3f}")
+            except Exception:  # noqa: BLE001 - a missed beat only shortens the lease
+                pass
+
+    def _reconcile_orphans(self, model_name: str) -> None:
+        """Versions a killed run registered as promoted but never got the alias: say so on them (we hold the lock,
+        so no live run is between its version and its alias)."""
+        try:
+            found = self.client.search_model_versions(f"name = '{model_name}'", max_results=1000)
+        except Exception:  # noqa: BLE001 - a new model: nothing to reconcile
+            return
+        for version in found:
+            if version.tags.get(ALIAS_PENDING) == "true":
+                self.client.set_model_version_tag(model_name, version.version, "promotion",
+                                                  "not promoted: its register run died before moving the alias "
+                                                  f"(found by run {self.run_id})")
+                self.client.set_model_version_tag(model_name, version.version, "promoted", "false")
+                self.client.delete_model_version_tag(model_name, version.version, ALIAS_PENDING)
 
     def _release(self, lock: str) -> None:
         from mlflow.exceptions import MlflowException
@@ -363,10 +416,12 @@ class MlflowTracker:
         try:
             self.client.delete_registered_model(lock)
         except MlflowException:
-            pass  # already gone (taken over as stale)
+            pass  # already gone (taken over)
 
-    def register(self, model: dict, model_name: str, tags: dict) -> str:
-        """A new version of `model_name` for a logged model; the registered model is created if missing."""
+    def register(self, model: dict, model_name: str, tags: dict, alias_pending: bool = False) -> str:
+        """A new version of `model_name` for a logged model; the registered model is created if missing.
+        `alias_pending`: the alias is about to move to it (tagged until `set_alias` is done, see ALIAS_PENDING)."""
+        tags = {**tags, ALIAS_PENDING: "true"} if alias_pending else tags
         from mlflow.exceptions import MlflowException
 
         created = False
@@ -388,6 +443,7 @@ class MlflowTracker:
 
     def set_alias(self, model_name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(model_name, alias, version)
+        self.client.delete_model_version_tag(model_name, version, ALIAS_PENDING)  # the promotion is complete
 
     def run_for_output(self, stage: str, sha256: str | None) -> str | None:
         """The latest `stage` run that wrote a file with this sha256 (tag `kdprune.output_sha256`), or None."""

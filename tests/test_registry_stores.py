@@ -192,3 +192,74 @@ def test_the_loser_of_the_experiment_race_uses_the_winners(tmp_path, monkeypatch
     monkeypatch.setattr(MlflowClient, "get_experiment_by_name", first_miss)
     assert MlflowTracker(uri, experiment="race").experiment_id == winner
     assert looked_up == ["race", "race"]
+
+
+def test_a_lock_names_its_holder_and_is_dead_when_its_process_is_gone_or_its_heartbeat_stale():
+    from kdprune.lock import process_token
+    from kdprune.tracking import _dead_holder
+
+    gone = subprocess.Popen(["sleep", "0"])
+    token = process_token(gone.pid)
+    gone.wait()
+    here, now = socket.gethostname(), f"{time.time():.3f}"
+    assert _dead_holder({"kdprune.host": here, "kdprune.process": process_token(), "kdprune.heartbeat": now}, 60) is None
+    assert "no longer running" in _dead_holder({"kdprune.host": here, "kdprune.process": token,
+                                                "kdprune.heartbeat": now}, 60)
+    # another host: its pid means nothing here, only the heartbeat counts
+    assert _dead_holder({"kdprune.host": "elsewhere", "kdprune.process": token, "kdprune.heartbeat": now}, 60) is None
+    old = f"{time.time() - 61:.3f}"
+    assert "61 s ago" in _dead_holder({"kdprune.host": "elsewhere", "kdprune.process": token, "kdprune.heartbeat": old}, 60)
+
+
+def test_register_killed_inside_the_registry_lock_then_rerun_takes_over_at_once(project, tiny_params):
+    from mlflow.tracking import MlflowClient
+
+    paths, name = Paths(project), tiny_params.registry.model_name
+    lock = f"{name}.lock"
+    assert run_stage("register", tiny_params, paths, MlflowTracker(), CPU)["version"] == "1"  # a champion to score
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(uri)
+
+    def lock_held() -> bool:
+        return any(m.name == lock for m in client.search_registered_models(f"name = '{lock}'"))
+
+    for _ in range(5):  # the lock is held for about a second: kill when it is seen, else try again
+        proc = subprocess.Popen([str(VENV_BIN / "kdprune"), "stage", "register"], cwd=project,
+                                env=subprocess_env(MLFLOW_TRACKING_URI=uri), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        while proc.poll() is None and not lock_held():
+            time.sleep(0.01)
+        proc.kill()
+        proc.wait()
+        if lock_held():
+            break
+    assert lock_held(), "the register process never held the lock when it was looked at"
+
+    started = time.monotonic()
+    rerun = subprocess.run([str(VENV_BIN / "kdprune"), "stage", "register"], cwd=project, capture_output=True,
+                           text=True, env=subprocess_env(MLFLOW_TRACKING_URI=uri), timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert time.monotonic() - started < 60
+    assert f"taking over registry lock '{lock}'" in rerun.stderr and "is no longer running" in rerun.stderr
+    assert not lock_held()
+
+
+def test_a_version_left_without_its_alias_by_a_killed_run_is_reconciled(project, tiny_params):
+    from mlflow.tracking import MlflowClient
+
+    from kdprune.tracking import ALIAS_PENDING
+
+    paths, name = Paths(project), tiny_params.registry.model_name
+    assert run_stage("register", tiny_params, paths, MlflowTracker(), CPU)["version"] == "1"
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    first = client.get_model_version(name, "1")
+    assert ALIAS_PENDING not in first.tags  # the alias moved: nothing pending
+    with MlflowTracker().run("register") as killed:  # what a run killed between version and alias leaves
+        orphan = killed.register({"uri": first.source, "model_id": first.model_id}, name,
+                                 {"promotion": "promoted: ..."}, alias_pending=True)
+    assert client.get_model_version(name, orphan).tags[ALIAS_PENDING] == "true"
+
+    result = run_stage("register", tiny_params, paths, MlflowTracker(), CPU)
+    tags = client.get_model_version(name, orphan).tags
+    assert ALIAS_PENDING not in tags and tags["promotion"].startswith("not promoted: its register run died")
+    assert result["version"] == "3" and str(client.get_model_version_by_alias(name, "champion").version) == "1"
