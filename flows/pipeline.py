@@ -19,6 +19,7 @@ from prefect.artifacts import create_markdown_artifact
 from kdprune import config
 from kdprune.signals import exit_on_sigterm
 from kdprune.errors import KdpruneError
+from kdprune.lineage import inputs_fingerprint
 from kdprune.lock import project_lock
 from kdprune.search import open_storage
 from kdprune.project import Paths, resolve_device
@@ -28,12 +29,16 @@ from flows.server import temporary_server
 from tasks import stages as t
 
 
-def dvc_commit(root: Path, params_path: str, overrides: list[str]) -> str:
-    """Record the flow's outputs in dvc.lock when they match what `dvc repro` would produce."""
+def dvc_commit(root: Path, params_path: str, overrides: list[str], inputs_before: str | None = None) -> str:
+    """Record the flow's outputs in dvc.lock when they match what `dvc repro` would produce: the params and code
+    (`inputs_before`, taken when the run started) must be those the run used."""
     if not (root / ".dvc").is_dir() or not (root / "dvc.yaml").is_file():
         return "not a DVC project: outputs not recorded"
     if overrides or Path(params_path).resolve() != (root / "params.yaml").resolve():
         return "params differ from params.yaml (overrides or another file): outputs not recorded in dvc.lock"
+    if inputs_before is not None and inputs_fingerprint(params_path) != inputs_before:
+        return (f"{params_path} or the kdprune code changed during the run: outputs not recorded in dvc.lock "
+                f"(they were made with the earlier version; run again)")
     done = subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet"], cwd=root,
                           capture_output=True, text=True)
     if done.returncode != 0:
@@ -97,6 +102,7 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
     """
     exit_on_sigterm()  # scheduled runs are stopped with SIGTERM: close the MLflow runs on the way out
     overrides = list(overrides or [])
+    inputs_before = inputs_fingerprint(params_path)  # before the params are read: what this run uses
     params = config.load(params_path, overrides)
     paths = Paths(Path(root))
     if params.search.enabled and params.search.storage:  # unreachable: one error line, before any training
@@ -128,8 +134,9 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
         parent.log_text(summary, "report.md")
         parent.log_artifact(paths.confusion_png)
         create_markdown_artifact(summary, key="kdprune-report", description=f"kdprune on {data['source']}")
-    dvc_note = dvc_commit(Path(root), params_path, overrides)
-    get_run_logger().info(dvc_note)
+    dvc_note = dvc_commit(Path(root), params_path, overrides, inputs_before)
+    logger = get_run_logger()
+    (logger.warning if "changed during" in dvc_note else logger.info)(dvc_note)
     print(summary)
     return {"report": report, "registration": registration, "dvc": dvc_note, "not_logged": tracker.not_logged()}
 

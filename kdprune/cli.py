@@ -185,7 +185,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         tracker = tracker_for(args)  # MLflow's store is checked here: an unreachable one fails in seconds
         tracker.close_orphans()  # runs left RUNNING by a killed kdprune process
         if args.command == "stage":
+            from kdprune.lineage import check_inputs_unchanged, inputs_fingerprint
+
+            before = inputs_fingerprint(args.params)
             summary = _run_one_stage(args.name, params, Paths(Path(".")), tracker, device)
+            check_inputs_unchanged(before, args.params, what)  # else `dvc repro` would record what was not used
             if distributed.is_main():
                 print(f"{args.name}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict)))
         else:

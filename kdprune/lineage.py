@@ -42,6 +42,31 @@ def file_hash(path: str | Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
+def inputs_fingerprint(params_path: str | Path) -> str:
+    """sha256 of the params file's values and the kdprune package's source: the inputs `dvc.lock` records for the
+    stages, which DVC hashes when it commits, i.e. after the stage ran."""
+    import yaml
+
+    digest = hashlib.sha256()
+    try:  # the values, as DVC compares them: a comment or re-indentation changes nothing
+        digest.update(json.dumps(yaml.safe_load(Path(params_path).read_text()), sort_keys=True, default=str).encode())
+    except (OSError, yaml.YAMLError):
+        digest.update(b"(unreadable params)")
+    for path in sorted(Path(kdprune.__file__).resolve().parent.rglob("*.py")):
+        digest.update(str(path.name).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def check_inputs_unchanged(before: str, params_path: str | Path, what: str) -> None:
+    """Fail (one line) when the params file or the code changed since `before` was taken: the outputs were made with
+    the old ones, and DVC would record them against the new ones."""
+    if inputs_fingerprint(params_path) != before:
+        from kdprune.errors import KdpruneError
+
+        raise KdpruneError(f"{params_path} or the kdprune code changed while {what} ran: its outputs were made with "
+                           f"the earlier version, so they are not recorded in dvc.lock; run it again")
+
+
 def lineage_tags(params, root: str | Path, dataset_id: str, run_ids: dict[str, str]) -> dict[str, str]:
     """Tags for a registered model version (see README, "Reading lineage tags")."""
     root = Path(root)

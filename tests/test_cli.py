@@ -280,3 +280,55 @@ def test_executable_diverging_training_with_tracking(project):
     assert not (project / "models" / "teacher.pt").exists()
     assert leftovers(project) == []
     assert [(r.info.run_name, r.info.status) for r in assert_no_run_left_running(project)] == [("teacher", "FAILED")]
+
+
+def test_params_edited_while_a_stage_runs_fail_it_so_dvc_records_nothing(workdir):
+    """dvc.lock is written after the stage with the params of that moment: a stage that ran with other params must
+    fail (DVC then records nothing), in one line naming the file."""
+    import time
+
+    from conftest import VENV_BIN, subprocess_env, tiny_params_dict, write_params
+
+    raw = deep_update(tiny_params_dict(), {"teacher": {"train": {"epochs": 60}}})
+    write_params(workdir / "params.yaml", raw)
+    env = subprocess_env(KDPRUNE_TRACKING="off")
+    assert subprocess.run([str(VENV_BIN / "kdprune"), "stage", "prepare"], cwd=workdir, env=env,
+                          capture_output=True, timeout=300).returncode == 0
+    log = workdir / "teacher.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(VENV_BIN / "kdprune"), "stage", "teacher"], cwd=workdir, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+        while "teacher epoch 1/" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-2000:]
+            time.sleep(0.1)
+        write_params(workdir / "params.yaml", deep_update(raw, {"teacher": {"train": {"epochs": 3}}}))
+        assert proc.wait(timeout=600) == 2
+    last = log.read_text().strip().splitlines()[-1]
+    assert last.startswith("kdprune: error: params.yaml or the kdprune code changed while kdprune stage teacher ran")
+
+
+def test_a_comment_in_params_is_not_a_change_but_a_value_is(tmp_path):
+    from kdprune.lineage import inputs_fingerprint
+
+    params = tmp_path / "params.yaml"
+    params.write_text("teacher:\n  train:\n    epochs: 3\n")
+    before = inputs_fingerprint(params)
+    params.write_text("# note\nteacher:\n  train: {epochs: 3}\n")
+    assert inputs_fingerprint(params) == before
+    params.write_text("teacher:\n  train:\n    epochs: 5\n")
+    assert inputs_fingerprint(params) != before
+
+
+def test_the_flow_records_nothing_in_dvc_lock_when_params_changed_during_the_run(tmp_path):
+    from flows.pipeline import dvc_commit
+    from kdprune.lineage import inputs_fingerprint
+
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    params = tmp_path / "params.yaml"
+    params.write_text("student:\n  train:\n    epochs: 3\n")
+    before = inputs_fingerprint(params)
+    params.write_text("student:\n  train:\n    epochs: 5\n")
+    note = dvc_commit(tmp_path, str(params), [], before)
+    assert "changed during the run: outputs not recorded in dvc.lock" in note
+    assert not (tmp_path / "dvc.lock").exists()
