@@ -32,6 +32,9 @@ class DataParams(Strict):
     # Keep a seeded random subset of at most this many train / test images (quick runs); null = all of them.
     max_train: int | None = Field(default=None, ge=1)
     max_test: int | None = Field(default=None, ge=1)
+    # Refuse an image file larger than this many pixels (width x height, read from its header before decoding):
+    # a small compressed file can decode to gigabytes. Decoding holds about threads x 3 x this many bytes at most.
+    max_pixels: int = Field(default=40_000_000, ge=1)
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataParams:

@@ -36,6 +36,8 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 
 # ---------------------------------------------------------------------------------------------- sources
+DEFAULT_MAX_PIXELS = 40_000_000  # DataParams.max_pixels
+
 def load_digits_source(test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """scikit-learn's 8x8 digits (shipped with the package): 0..16 grey levels scaled to 0..255."""
     from sklearn.datasets import load_digits
@@ -133,11 +135,13 @@ def _split_of(parts: tuple[str, ...]) -> int | None:
     return None
 
 
-def load_imagefolder_source(path: Path):
+def load_imagefolder_source(path: Path, image_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
     """`train/<class>/*` and `test/<class>/*` from a folder or a .tar / .tar.gz archive (optionally one top folder).
 
     Files beside train/ and test/ (a README, a LICENSE) are ignored; a file inside them at any other depth
-    (`train/stray.png`, `train/cat/more/x.png`) is an error naming the first few, never silently skipped."""
+    (`train/stray.png`, `train/cat/more/x.png`) is an error naming the first few, never silently skipped.
+    Each image is resized to `image_size` as soon as it is decoded, so only the decoding threads' images are ever
+    held at full size; a file over `max_pixels` is refused from its header, before decoding."""
     if not path.exists():
         raise KdpruneError(f"{path}: dataset path does not exist")
     members = _tar_members(path) if path.is_file() else _image_files(path)
@@ -172,7 +176,7 @@ def load_imagefolder_source(path: Path):
     decoded = {}
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         for split, items in listed.items():
-            images = pool.map(lambda item: _decode(item[0], item[1]), items)
+            images = pool.map(lambda item: _decode(item[0], item[1], image_size, max_pixels), items)
             decoded[split] = [(image, label) for image, (_, _, label) in zip(images, items)]
     images = [img for split in decoded.values() for img, _ in split]
     channels = 3 if any(img.shape[0] == 3 for img in images) else 1
@@ -204,27 +208,38 @@ def _to_uint8(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB")).transpose(2, 0, 1)
 
 
-def decode_image(data: bytes, where: str) -> torch.Tensor:
+def decode_image(data: bytes, where: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """The bytes of one image file -> uint8 C x H x W (C = 1 or 3); any failure is one error line naming `where`.
 
-    The one decoding path of the project (Pillow with explicit conversions); EXIF orientation is applied."""
+    The one decoding path of the project (Pillow with explicit conversions); EXIF orientation is applied. The size
+    is checked against `max_pixels` (data.max_pixels) from the header, before any pixel is decoded."""
     try:
         with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise KdpruneError(f"{where}: {width}x{height} = {width * height:,} pixels, over data.max_pixels "
+                                   f"({max_pixels:,}); shrink the image or raise data.max_pixels")
             array = _to_uint8(ImageOps.exif_transpose(image))
+    except KdpruneError:
+        raise
     except Exception as error:  # noqa: BLE001 - Pillow raises several types for corrupt or unsupported files
         reason = (str(error).splitlines() or [type(error).__name__])[0]
         raise KdpruneError(f"{where}: unreadable image ({reason})") from None
     return torch.from_numpy(np.array(array))  # a writable, contiguous copy
 
 
-def _decode(where: str, read) -> torch.Tensor:
+def _decode(where: str, read, size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Read, decode and (with `size`) resize one image, so that a full-size image lives only while it is resized."""
     if PurePosixPath(where).suffix.lower() not in IMAGE_SUFFIXES:
         raise KdpruneError(f"{where}: not an image file (expected one of {', '.join(sorted(IMAGE_SUFFIXES))})")
     try:
         data = read()
     except OSError as error:
         raise KdpruneError(f"{where}: cannot read ({error.strerror or error})") from None
-    return decode_image(data, where)
+    image = decode_image(data, where, max_pixels)
+    if size is not None and tuple(image.shape[-2:]) != (size, size):
+        image = TF.resize(image, [size, size], antialias=True)  # as _to_batch would: the same op, done earlier
+    return image
 
 
 def read_image(path: str | Path, channels: int, size: int) -> torch.Tensor:
@@ -303,7 +318,8 @@ def prepare(params: DataParams, seed: int) -> Prepared:
     elif params.source == "cifar10":
         train_x, train_y, test_x, test_y, classes = load_cifar10_source(Path(params.path or "data/cache"))
     else:
-        train_x, train_y, test_x, test_y, classes = load_imagefolder_source(Path(params.path))
+        train_x, train_y, test_x, test_y, classes = load_imagefolder_source(Path(params.path), params.image_size,
+                                                                            params.max_pixels)
     train_x = _to_batch(train_x, params.image_size, "data.path")
     test_x = _to_batch(test_x, params.image_size or train_x.shape[-1], "data.path")
     if train_x.shape[-1] != train_x.shape[-2]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from conftest import leftovers, make_imagefolder, make_tar, pattern_image
-from kdprune import data
+from kdprune import config, data
 from kdprune.config import DataParams
 from kdprune.errors import KdpruneError
 
@@ -409,3 +410,50 @@ def test_cifar10_download_dropped_then_retried(tmp_path, flaky_server):
     train_x, *_ = data.load_cifar10_source(cache, md5=md5, url=url)  # what Prefect's retry of prepare does
     assert tuple(train_x.shape) == (20, 3, 32, 32)
     assert [p.name for p in cache.iterdir()] == ["cifar-10-python.tar.gz"]
+
+
+PEAK_SCRIPT = """
+import resource, sys
+from pathlib import Path
+from kdprune import config, data
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+data.prepare(config.parse({"data": {"source": "imagefolder", "path": sys.argv[1], "image_size": 16}}).data, 0)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+
+
+def _big_images(root: Path, per_class: int, side: int) -> Path:
+    from PIL import Image
+
+    for split, n in (("train", per_class), ("test", 2)):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):  # flat colours: a few hundred bytes of PNG, `side`^2 bytes decoded
+                Image.new("L", (side, side), color=(37 * i + 90 * (cls == "b")) % 256).save(root / split / cls / f"{i}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_peak_memory_of_prepare_does_not_grow_with_the_number_of_large_images(tmp_path):
+    """Each image is resized as soon as it is decoded: 40 images of 16 Mpx take no more memory than 8 (holding them
+    all at full size, as before, took 16 Mpx x 32 = 512 MB more)."""
+    from conftest import VENV_BIN, subprocess_env
+
+    def peak_mb(per_class: int) -> float:
+        root = _big_images(tmp_path / f"n{per_class}", per_class, 4000)
+        done = subprocess.run([str(VENV_BIN / "python"), "-c", PEAK_SCRIPT, str(root)], env=subprocess_env(),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return float(done.stdout.strip().splitlines()[-1])
+
+    few, many = peak_mb(4), peak_mb(20)
+    assert many - few < 100, (few, many)
+
+
+def test_an_image_over_max_pixels_is_refused_from_its_header(tmp_path):
+    root = _big_images(tmp_path / "imgs", 2, 1100)  # 1.21 Mpx each
+    params = config.parse({"data": {"source": "imagefolder", "path": str(root), "image_size": 8,
+                                    "max_pixels": 1_000_000}}).data
+    with pytest.raises(KdpruneError, match=r"a/0\.png: 1100x1100 = 1,210,000 pixels, over data\.max_pixels \(1,000,000\)"):
+        data.prepare(params, 0)
+    assert data.prepare(params.model_copy(update={"max_pixels": 1_210_000}), 0)["train_x"].shape[-1] == 8
