@@ -66,7 +66,7 @@ class TrainParams(Strict):
     epochs: int = Field(default=10, ge=1)
     batch_size: int = Field(default=128, ge=1)
     optimizer: Literal["sgd", "nesterov", "adamw", "hypergrad"] = "nesterov"
-    lr: float = Field(default=0.05, gt=0)  # peak learning rate
+    lr: float = Field(default=0.05, gt=0, le=1e30)  # peak learning rate (float32 weights overflow far below 1e38)
     momentum: float = Field(default=0.9, ge=0, lt=1)  # SGD momentum, or AdamW beta1
     beta2: float = Field(default=0.999, gt=0, lt=1)  # AdamW only
     weight_decay: float = Field(default=5e-4, ge=0)

@@ -37,6 +37,7 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 # ---------------------------------------------------------------------------------------------- sources
 DEFAULT_MAX_PIXELS = 40_000_000  # DataParams.max_pixels
+MIN_IMAGE_SIZE = 4  # DataParams.image_size's least value: the smallest image the models and augmentation take
 
 def load_digits_source(test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """scikit-learn's 8x8 digits (shipped with the package): 0..16 grey levels scaled to 0..255."""
@@ -122,9 +123,18 @@ def _tar_members(archive: Path) -> Iterator[tuple[str, callable]]:
 
 
 def _image_files(root: Path) -> Iterator[tuple[str, callable]]:
-    for file in sorted(root.rglob("*")):
-        if file.is_file():
-            yield file.relative_to(root).as_posix(), file.read_bytes
+    """Every file under `root`, following symlinked folders (a class folder linked in from elsewhere is data, as in
+    torchvision's ImageFolder), each real folder once (a link cycle ends)."""
+    found, seen = [], set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        found += [Path(folder) / name for name in names if (Path(folder) / name).is_file()]
+    for file in sorted(found):
+        yield file.relative_to(root).as_posix(), file.read_bytes
 
 
 def _split_of(parts: tuple[str, ...]) -> int | None:
@@ -322,6 +332,9 @@ def prepare(params: DataParams, seed: int) -> Prepared:
                                                                             params.max_pixels)
     train_x = _to_batch(train_x, params.image_size, "data.path")
     test_x = _to_batch(test_x, params.image_size or train_x.shape[-1], "data.path")
+    if min(train_x.shape[-2:]) < MIN_IMAGE_SIZE:
+        raise KdpruneError(f"data.path: images are {train_x.shape[-2]}x{train_x.shape[-1]} pixels, smaller than the "
+                           f"models take ({MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}); set data.image_size")
     if train_x.shape[-1] != train_x.shape[-2]:
         raise KdpruneError(f"data.path: images are {train_x.shape[-2]}x{train_x.shape[-1]}, not square; set data.image_size")
     if test_x.shape[1:] != train_x.shape[1:]:

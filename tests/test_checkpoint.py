@@ -95,3 +95,16 @@ def test_torch_file_that_is_not_a_model_is_refused(tmp_path, payload):
     with pytest.raises(KdpruneError, match="not a kdprune model file") as info:
         load_model(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_temporary_file_left_by_a_killed_writer_is_removed_by_the_next_write(tmp_path):
+    import subprocess
+
+    from kdprune.io import write_text
+
+    dead = subprocess.Popen(["sleep", "0"])
+    dead.wait()
+    orphan = tmp_path / f".out.json.tmp-{dead.pid}"
+    orphan.write_text("half")
+    write_text(tmp_path / "out.json", "{}")
+    assert not orphan.exists() and (tmp_path / "out.json").read_text() == "{}"

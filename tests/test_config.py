@@ -176,3 +176,8 @@ def test_prune_sensitivity_targets_must_be_fractions():
     assert "\n" not in str(info.value)
     with pytest.raises(KdpruneError, match="prune.method"):
         config.parse(deep_update(tiny_params_dict(), {"prune": {"method": "random"}}))
+
+
+def test_a_learning_rate_float32_weights_cannot_take_is_refused_naming_the_field():
+    with pytest.raises(KdpruneError, match=r"teacher.train.lr"):
+        config.parse({"teacher": {"train": {"lr": 1e39}}})

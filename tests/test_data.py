@@ -457,3 +457,21 @@ def test_an_image_over_max_pixels_is_refused_from_its_header(tmp_path):
     with pytest.raises(KdpruneError, match=r"a/0\.png: 1100x1100 = 1,210,000 pixels, over data\.max_pixels \(1,000,000\)"):
         data.prepare(params, 0)
     assert data.prepare(params.model_copy(update={"max_pixels": 1_210_000}), 0)["train_x"].shape[-1] == 8
+
+
+def test_images_too_small_for_the_models_are_one_line_naming_the_field(tmp_path):
+    root = make_imagefolder(tmp_path / "imgs", size=(1, 1))
+    with pytest.raises(KdpruneError, match=r"data.path: images are 1x1 pixels, smaller than the models take "
+                                           r"\(4x4\); set data.image_size"):
+        data.prepare(config.parse({"data": {"source": "imagefolder", "path": str(root)}}).data, 0)
+
+
+def test_a_symlinked_class_folder_is_read_like_any_other(tmp_path):
+    root = make_imagefolder(tmp_path / "imgs", classes=("cat", "dog"))
+    elsewhere = tmp_path / "elsewhere" / "dog"
+    elsewhere.parent.mkdir()
+    (root / "train" / "dog").rename(elsewhere)
+    (root / "train" / "dog").symlink_to(elsewhere, target_is_directory=True)
+    (root / "train" / "cat" / "loop").symlink_to(root / "train", target_is_directory=True)  # a cycle ends
+    train_x, train_y, _, _, classes = data.load_imagefolder_source(root)
+    assert classes == ["cat", "dog"] and sorted(set(train_y.tolist())) == [0, 1]
