@@ -146,6 +146,8 @@ def _artifacts_beside(tracking_uri: str) -> str | None:
 class MlflowTracker:
     """Logs to MLflow by explicit run id (safe across Prefect's worker threads)."""
 
+    busy_wait_s = 120.0  # how long a tracking call waits for a SQLite store another process has locked
+
     def __init__(self, tracking_uri: str | None = None, experiment: str | None = None, run_id: str | None = None):
         from kdprune.telemetry import switch_off
 
@@ -210,15 +212,25 @@ class MlflowTracker:
         return False
 
     def _logged(self, what: str, call: Callable, *args, **kwargs):
-        """Run one tracking call; once the store has failed, skip it and remember what was not logged."""
+        """Run one tracking call; once the store has failed, skip it and remember what was not logged.
+
+        A busy SQLite store (another process holding its write lock) is waited for, up to `busy_wait_s`
+        in all, then counted as failed: the run goes on and says at the end what was not logged."""
         lost = _LOST.get(self.tracking_uri)
         if lost is None and (self.run_id is not None or what.endswith("run")):
-            try:
-                return call(*args, **kwargs)
-            except Exception as error:  # noqa: BLE001 - MLflow and its HTTP/SQL layers raise many types
-                if not self._store_failed(error):
-                    raise
-                lost = _LOST.setdefault(self.tracking_uri, {"error": _first_line(error), "missed": []})
+            deadline = time.monotonic() + self.busy_wait_s
+            while True:
+                try:
+                    return call(*args, **kwargs)
+                except Exception as error:  # noqa: BLE001 - MLflow and its HTTP/SQL layers raise many types
+                    busy = "database is locked" in str(error)
+                    if busy and time.monotonic() < deadline:
+                        time.sleep(1.0)
+                        continue
+                    if not busy and not self._store_failed(error):
+                        raise
+                    lost = _LOST.setdefault(self.tracking_uri, {"error": _first_line(error), "missed": []})
+                    break
         if lost is not None:
             entry = f"{self.run_name or 'run'} {what}"
             if entry not in lost["missed"]:

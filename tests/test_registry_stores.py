@@ -263,3 +263,46 @@ def test_a_version_left_without_its_alias_by_a_killed_run_is_reconciled(project,
     tags = client.get_model_version(name, orphan).tags
     assert ALIAS_PENDING not in tags and tags["promotion"].startswith("not promoted: its register run died")
     assert result["version"] == "3" and str(client.get_model_version_by_alias(name, "champion").version) == "1"
+
+
+HOLD_SCRIPT = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], timeout=30)
+db.execute("BEGIN EXCLUSIVE")
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+db.rollback()
+"""
+
+
+def _hold_store(path: Path, seconds: float) -> subprocess.Popen:
+    holder = subprocess.Popen([str(VENV_BIN / "python"), "-c", HOLD_SCRIPT, str(path), str(seconds)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_busy_sqlite_store_is_waited_for_then_given_up_in_one_line(tmp_path, monkeypatch):
+    """Another process holds mlflow.db's write lock longer than SQLite's own busy timeout (20 s in MLflow): logging
+    waits (bounded) and lands when it is free; held past the bound, the store counts as failed: nothing raised,
+    the run goes on, and one line says what was not logged."""
+    uri = fresh_mlflow_store(tmp_path)
+    tracker = MlflowTracker(uri)
+    with tracker.run("teacher") as run:
+        holder = _hold_store(tmp_path / "mlflow.db", 25)
+        run.log_metrics({"val_accuracy": 0.5}, step=1)  # waits for the holder, then lands
+        holder.wait()
+        assert run.not_logged() is None
+        monkeypatch.setattr(MlflowTracker, "busy_wait_s", 3.0)
+        holder = _hold_store(tmp_path / "mlflow.db", 120)
+        started = time.monotonic()
+        run.log_metrics({"val_accuracy": 0.6}, step=2)  # one attempt (SQLite's 20 s), then given up
+        assert time.monotonic() - started < 60
+        holder.kill()
+        holder.wait()
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(uri).get_metric_history(run.run_id, "val_accuracy")
+    assert [m.value for m in history] == [0.5]
+    line = tracker.not_logged()
+    assert "database is locked" in line and "teacher metrics" in line and "\n" not in line
