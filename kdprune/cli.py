@@ -11,13 +11,21 @@ import os
 import sys
 from pathlib import Path
 
-from kdprune import distributed
 from kdprune.errors import KdpruneError
 from kdprune.signals import exit_on_sigterm
 from kdprune.telemetry import switch_off as telemetry_off
 
 
 DATA_PARALLEL_STAGES = ("teacher", "student", "distill", "prune")
+# --smoke: the whole graph in about a minute, to check a setup (new data, a new machine); -S given after it win.
+# Its outputs differ from params.yaml's, so a smoke run is never recorded in dvc.lock (like any -S).
+SMOKE_OVERRIDES = (
+    "data.max_train=256", "data.max_test=128",
+    "teacher.train.epochs=1", "teacher.train.warmup_epochs=0", "student.train.epochs=1",
+    "student.train.warmup_epochs=0", "distill.dkd.warmup_epochs=0",
+    "prune.finetune.epochs=1", "prune.finetune.warmup_epochs=0", "prune.sparsity.epochs=1", "prune.round_epochs=1",
+    "prune.sensitivity=[]", "prune.latency_repeats=3", "search.n_trials=2",
+)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -27,10 +35,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: $KDPRUNE_DEVICE, else cuda if present)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (also: KDPRUNE_TRACKING=off)")
     parser.add_argument("--debug", action="store_true", help="full tracebacks (also: KDPRUNE_DEBUG=1)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a quick smoke test: 1 epoch per model, 256 training images, 2 search trials "
+                             "(applied before -S; not recorded in dvc.lock)")
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from kdprune.runner import STAGES
+    """The argument parser: built from light modules only, so every `--help` answers without loading torch."""
+    from kdprune.stage_names import STAGE_NAMES as STAGES
 
     parser = argparse.ArgumentParser(prog="kdprune", description="Teacher -> distilled student -> pruned student -> registry.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,9 +91,10 @@ def tracking_on(args: argparse.Namespace) -> bool:
     return not (args.no_tracking or os.environ.get("KDPRUNE_TRACKING", "").lower() in ("off", "0", "false"))
 
 
-def tracker_for(args: argparse.Namespace):
+def tracker_for(args: argparse.Namespace, params=None):
     """MLflow unless switched off; a stage run nests under $KDPRUNE_PARENT_RUN_ID when set, else, when DVC runs
     it (`dvc repro`, `dvc exp run`), under one parent run per DVC invocation / experiment."""
+    from kdprune import distributed
     from kdprune.lineage import dvc_context, dvc_invocation, run_context
     from kdprune.tracking import MlflowTracker, NullTracker
 
@@ -92,7 +105,8 @@ def tracker_for(args: argparse.Namespace):
     if key:
         exp = dvc_context().get("kdprune.dvc_exp")
         context = {k: v for k, v in run_context().items() if k != "kdprune.dvc_stage"}
-        tracker.run_id = tracker.group_run(key, f"dvc exp run {exp}" if exp else "dvc repro", context)
+        tracker.run_id = tracker.group_run(key, f"dvc exp run {exp}" if exp else "dvc repro", context,
+                                           params.model_dump() if params is not None else None)
     return tracker
 
 
@@ -131,6 +145,8 @@ def _run_one_stage(name, params, paths, tracker, device) -> dict:
 
 def _distributed_setup(args: argparse.Namespace, params, device):
     """Under torchrun (WORLD_SIZE > 1): only training stages, each rank on its device in one process group."""
+    from kdprune import distributed
+
     if distributed.world_size() > 1 and getattr(args, "name", None) not in DATA_PARALLEL_STAGES:
         what = " ".join([args.command, getattr(args, "name", "")]).strip()
         raise KdpruneError(f"torchrun runs only the training stages ({', '.join(DATA_PARALLEL_STAGES)}): "
@@ -155,11 +171,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     from contextlib import nullcontext
 
-    from kdprune import config
+    from kdprune import config, distributed
     from kdprune import data as data_mod
     from kdprune.lock import project_lock
     from kdprune.project import Paths, resolve_device
 
+    if args.smoke:
+        args.overrides = [*SMOKE_OVERRIDES, *args.overrides]
     params = config.load(args.params, args.overrides)
     device = _distributed_setup(args, params, resolve_device(args.device))
     if args.command == "serve":
@@ -182,13 +200,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     what = f"kdprune {args.command}" + (f" {args.name}" if args.command == "stage" else "")
     # under torchrun, rank 0 holds the project lock for all the ranks of its stage
     with project_lock(Path("."), what) if distributed.is_main() else nullcontext():
-        tracker = tracker_for(args)  # MLflow's store is checked here: an unreachable one fails in seconds
+        tracker = tracker_for(args, params)  # MLflow's store is checked here: an unreachable one fails in seconds
         tracker.close_orphans()  # runs left RUNNING by a killed kdprune process
         if args.command == "stage":
             from kdprune.lineage import check_inputs_unchanged, inputs_fingerprint
 
             before = inputs_fingerprint(args.params)
             summary = _run_one_stage(args.name, params, Paths(Path(".")), tracker, device)
+            if args.name == "evaluate" and isinstance(summary.get("models"), dict) and tracker.run_id:
+                # the parent run (a `dvc exp run`'s, a `dvc repro`'s) carries the report's numbers, as the flow's does
+                tracker.log_metrics({f"{name}.{k}": v for name, row in summary["models"].items()
+                                     for k, v in row.items()})
             check_inputs_unchanged(before, args.params, what)  # else `dvc repro` would record what was not used
             if distributed.is_main():
                 print(f"{args.name}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict)))

@@ -6,11 +6,12 @@ Machine facts (device, tracking URI) are not parameters; they come from the envi
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdprune.errors import KdpruneError
 from kdprune.models import MODEL_BUILDERS
@@ -28,7 +29,8 @@ class DataParams(Strict):
     # Resize every image to this square size (pixels); needed when the images differ in size.
     image_size: int | None = Field(default=None, ge=4, le=1024)
     val_fraction: float = Field(default=0.1, gt=0, lt=1)  # carved from train with `seed`
-    test_fraction: float = Field(default=0.2, gt=0, lt=1)  # digits only: it ships without a test split
+    # digits, and an image folder with train/ only: the share of the images that becomes the test split
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)
     # Keep a seeded random subset of at most this many train / test images (quick runs); null = all of them.
     max_train: int | None = Field(default=None, ge=1)
     max_test: int | None = Field(default=None, ge=1)
@@ -165,7 +167,9 @@ class ExportParams(Strict):
 
 
 class RegisterParams(Strict):
-    model_name: str = Field(default="kdprune", min_length=1)
+    # None (empty in params.yaml): named after the data, kdprune-<dataset> (see `default_model_name`), so a model
+    # trained on other images never takes the alias of, or is answered by, another dataset's champion.
+    model_name: str = Field(default="kdprune-digits", min_length=1)
     alias: str = Field(default="champion", min_length=1)
     # The gate (kdprune/registry.py): the champion is re-scored on the candidate's validation images, and the
     # candidate must get at least `min_gain` more of them right, with an exact one-sided McNemar p <= max_p_value
@@ -179,6 +183,21 @@ class RegisterParams(Strict):
 
 class ServeParams(Strict):
     cron: str = "0 3 * * *"  # when `kdprune serve` runs the pipeline
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        try:  # the parser Prefect schedules with; absent on a bare box, where nothing is scheduled either
+            from cronsim import CronSim, CronSimError
+        except ImportError:
+            return value
+        from datetime import datetime
+
+        try:
+            CronSim(value, datetime(2000, 1, 1))
+        except CronSimError as error:
+            raise ValueError(f"not a cron expression ({error})") from None
+        return value
 
 
 class FloatRange(Strict):
@@ -291,6 +310,27 @@ class Params(Strict):
     registry: RegisterParams = RegisterParams()
     serve: ServeParams = ServeParams()
     search: SearchParams = SearchParams()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_name_from_data(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and isinstance(raw.get("registry") or {}, dict):
+            registry = dict(raw.get("registry") or {})
+            if registry.get("model_name") is None:
+                data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+                raw = {**raw, "registry": {**registry, "model_name": default_model_name(data)}}
+        return raw
+
+
+def default_model_name(data: dict) -> str:
+    """kdprune-<dataset>: the source (digits, cifar10), or an image folder's (or archive's) name."""
+    source = data.get("source") or "digits"
+    if source != "imagefolder" or not data.get("path"):
+        return f"kdprune-{source}"
+    name = Path(str(data["path"]).rstrip("/")).name
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        name = name.removesuffix(suffix)
+    return "kdprune-" + (re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "images")
 
 
 def _suggest(loc: tuple[Any, ...]) -> str:

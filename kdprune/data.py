@@ -172,14 +172,16 @@ def load_imagefolder_source(path: Path, image_size: int | None = None, max_pixel
         more = f" and {len(misplaced) - 3} more" if len(misplaced) > 3 else ""
         raise KdpruneError(f"{path}: {len(misplaced)} file(s) not at <split>/<class>/<file>: "
                            f"{', '.join(misplaced[:3])}{more}; move or delete them")
-    for split in ("train", "test"):
-        if not files[split]:
-            raise KdpruneError(f"{path}: no {split}/<class>/ images found (expected train/<class>/ and test/<class>/)")
+    if not files["train"]:
+        raise KdpruneError(f"{path}: no train/<class>/ images found (expected train/<class>/, and test/<class>/ "
+                           f"unless data.test_fraction of train is to be the test split)")
     classes = sorted(files["train"])
     for cls in files["test"]:
         if cls not in files["train"]:
             raise KdpruneError(f"{path}: test class {cls!r} is absent from train/")
-    listed = {split: [(where, read, classes.index(cls)) for cls, items in sorted(files[split].items()) for where, read in items]
+    # sorted within each class too: a folder and an archive of the same images (any member order) give one dataset
+    listed = {split: [(where, read, classes.index(cls)) for cls, items in sorted(files[split].items())
+                      for where, read in sorted(items, key=lambda item: item[0])]
               for split in files}
     # Pillow releases the GIL while it decodes, so threads decode on several cores (Pillow is slower per small JPEG
     # than torchvision's deprecated decoder was). map keeps the order: the first bad file in file order is reported.
@@ -194,6 +196,8 @@ def load_imagefolder_source(path: Path, image_size: int | None = None, max_pixel
     for split in ("train", "test"):
         xs = [img.expand(channels, -1, -1) if img.shape[0] != channels else img for img, _ in decoded[split]]
         out += [xs, torch.tensor([label for _, label in decoded[split]], dtype=torch.int64)]
+    if not files["test"]:  # train/ only: prepare carves the test split (data.test_fraction)
+        out[2] = out[3] = None
     return out[0], out[1], out[2], out[3], classes
 
 
@@ -330,6 +334,10 @@ def prepare(params: DataParams, seed: int) -> Prepared:
     else:
         train_x, train_y, test_x, test_y, classes = load_imagefolder_source(Path(params.path), params.image_size,
                                                                             params.max_pixels)
+        if test_x is None:  # a folder with train/ only: a seeded test split, apart from validation's
+            train_x = _to_batch(train_x, params.image_size, "data.path")
+            test, rest = _split_indices(len(train_y), params.test_fraction, seed + 1)
+            train_x, train_y, test_x, test_y = train_x[rest], train_y[rest], train_x[test], train_y[test]
     train_x = _to_batch(train_x, params.image_size, "data.path")
     test_x = _to_batch(test_x, params.image_size or train_x.shape[-1], "data.path")
     if min(train_x.shape[-2:]) < MIN_IMAGE_SIZE:

@@ -23,6 +23,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as error:
+        if error.filename is None:  # a failed write() names no file: name the output it was for
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+        raise
     except RuntimeError as error:  # torch.save reports a full disk as "PytorchStreamWriter failed writing file"
         if shutil.disk_usage(path.parent).free < 1 << 20:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from error

@@ -52,9 +52,27 @@ def inputs_fingerprint(params_path: str | Path) -> str:
         digest.update(json.dumps(yaml.safe_load(Path(params_path).read_text()), sort_keys=True, default=str).encode())
     except (OSError, yaml.YAMLError):
         digest.update(b"(unreadable params)")
-    for path in sorted(Path(kdprune.__file__).resolve().parent.rglob("*.py")):
-        digest.update(str(path.name).encode() + b"\0" + path.read_bytes())
+    digest.update(code_hash().encode())
     return digest.hexdigest()
+
+
+def code_hash() -> str:
+    """sha256 of the kdprune package's source files (names and bytes): the code that ran, with or without git."""
+    digest = hashlib.sha256()
+    package = Path(kdprune.__file__).resolve().parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def kdprune_version() -> str:
+    """The installed distribution's version (pyproject.toml), else the package's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kdprune")
+    except PackageNotFoundError:
+        return kdprune.__version__
 
 
 def check_inputs_unchanged(before: str, params_path: str | Path, what: str) -> None:
@@ -71,10 +89,14 @@ def lineage_tags(params, root: str | Path, dataset_id: str, run_ids: dict[str, s
     """Tags for a registered model version (see README, "Reading lineage tags")."""
     root = Path(root)
     tags = {f"lineage.{k}": v for k, v in git_state(root).items()}
+    code = git_state(Path(kdprune.__file__).resolve().parent)  # the code's checkout, wherever the project is
     tags.update({
+        "lineage.code_git_commit": code["git_commit"],
+        "lineage.code_git_dirty": code["git_dirty"],
+        "lineage.code_sha256": code_hash(),
         "lineage.params_sha256": params_hash(params),
         "lineage.dataset_id": dataset_id,
-        "lineage.kdprune_version": kdprune.__version__,
+        "lineage.kdprune_version": kdprune_version(),
         "lineage.torch_version": torch.__version__,
     })
     dvc_lock = file_hash(root / "dvc.lock")

@@ -99,7 +99,7 @@ def stage_outputs(paths: Paths) -> dict[str, Path]:
     return {"prepare": paths.prepared, "search-teacher": paths.search_best("teacher"), "teacher": paths.model("teacher"),
             "search-student": paths.search_best("student"), "compare": paths.compare_json,
             "student": paths.model("student"), "distill": paths.model("distilled"), "prune": paths.model("pruned"),
-            "evaluate": paths.report_json, "register": paths.registration}
+            "export": paths.onnx, "evaluate": paths.report_json, "register": paths.registration}
 
 
 def resolve_device(name: str | None = None) -> torch.device:

@@ -74,20 +74,30 @@ def register(params: Params, paths: Paths, tracker=NullTracker()) -> dict:
             **lineage_tags(params, paths.root, prepared["dataset_id"], run_ids)}
     model = tracker.log_model(paths.onnx, "model", val_x[:2].float().div(255).numpy(),
                               metadata={"classes": list(payload["classes"])})
-    with tracker.registry_lock(name):
-        champion = tracker.champion(name, alias)
-        why_not = _score_champion(tracker, champion, candidate, val_x, val_y) if champion else None
-        if why_not:
-            decision = registry.Decision(False, why_not, {"champion_version": champion["version"]})
-        else:
-            decision = registry.decide({**candidate, "correct": correct}, champion, params.registry)
-        version = (tracker.register(model, name, {**tags, "promotion": decision.reason[:5000]}, decision.promote)
-                   if model else None)
-        promote, reason = decision.promote, decision.reason
-        if version is None:
-            promote, reason = False, "tracking is off: nothing registered"
-        elif promote:
-            tracker.set_alias(name, alias, version)
+    try:
+        with tracker.registry_lock(name):
+            champion = tracker.champion(name, alias)
+            why_not = _score_champion(tracker, champion, candidate, val_x, val_y) if champion else None
+            if why_not:
+                decision = registry.Decision(False, why_not, {"champion_version": champion["version"]})
+            else:
+                decision = registry.decide({**candidate, "correct": correct}, champion, params.registry)
+            version = (tracker.register(model, name, {**tags, "promotion": decision.reason[:5000]}, decision.promote)
+                       if model else None)
+            promote, reason = decision.promote, decision.reason
+            if version is None:
+                promote, reason = False, ("tracking is off: nothing registered" if tracker.not_logged() is None
+                                          else "the tracking store failed: nothing registered")
+            elif promote:
+                tracker.set_alias(name, alias, version)
+    except KdpruneError:
+        raise
+    except Exception as error:  # noqa: BLE001 - MLflow, HTTP and SQL errors alike, when the store is what failed
+        if not tracker.store_failed(error):
+            raise
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise KdpruneError(f"register: the tracking store failed ({first}); {paths.onnx} is saved, the alias was not "
+                           f"moved: run `kdprune stage register` again when the store is back") from None
     result = {"model_name": name, "version": version, "alias": alias, "promoted": promote, "reason": reason,
               "champion_before": champion["version"] if champion else None, "gate": decision.numbers,
               **{k: v for k, v in candidate.items() if k not in ("classes", "input_shape")}}

@@ -43,9 +43,11 @@ def run_stage(name: str, params: Params, paths: Paths, tracker=NullTracker(), de
     if resume and (done := resume_mod.completed(paths.root, name, params, extra)) is not None:
         print(f"{name}: skipped, outputs up to date (inputs unchanged since it last finished)")
         with tracker.run(name, tags={**tags, "kdprune.skipped": "outputs up to date"}) as run:
-            run.log_metrics({k: v for k, v in done.items() if not isinstance(v, dict)})
+            run.log_metrics(stages.summary_metrics(name, done))
             if output is not None and output.is_file():
                 run.set_tags({"kdprune.output_sha256": file_hash(output)})
+        if name == "evaluate":  # the skipped model runs of this pipeline get their numbers as trained ones do
+            stages.log_on_model_runs(done, paths, tracker)
         return done
     with tracker.run(name, tags=tags) as run:
         summary = STAGES[name](params, paths, run, device, **options)

@@ -33,6 +33,11 @@ from kdprune.tracking import NullTracker
 from kdprune.train import Split, evaluate as evaluate_split, fit, predict_logits
 
 MODEL_NAMES = ("teacher", "student", "distilled", "pruned")
+# The stage whose run made each model; "served" is the ONNX file that is registered and served.
+MODEL_STAGES = {"teacher": "teacher", "student": "student", "distilled": "distill", "pruned": "prune",
+                "served": "export"}
+MODEL_METRICS = ("model.test_accuracy", "model.val_accuracy", "model.macs", "model.params", "model.size_kb",
+                 "model.latency_ms_b1", "model.latency_ms_batch", "model.latency_batch")
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -74,9 +79,20 @@ def _train_and_save(name: str, model: ModelParams | torch.nn.Module, spec: dict,
                       "mean": prepared["mean"].tolist(), "std": prepared["std"].tolist()})
     _write_curve(paths.curve(name), history)
     write_json(paths.stage_metrics(name), summary)
-    tracker.log_metrics({f"final_{k}": v for k, v in summary.items()})
+    tracker.log_metrics(summary_metrics(name, summary))
     tracker.log_artifact(paths.model(name))
     return summary
+
+
+TRAINING_STAGES = ("teacher", "student", "distill", "prune")
+
+
+def summary_metrics(stage: str, summary: dict) -> dict:
+    """A stage's summary as run metrics, named alike whether the stage trained or was skipped by resume: a training
+    stage's end values are `final_*` (the plain names hold the per-epoch curves)."""
+    if stage in TRAINING_STAGES:
+        return {f"final_{k}": v for k, v in summary.items()}
+    return {k: v for k, v in summary.items() if not isinstance(v, dict)}
 
 
 def _role_stage(name: str, role_name: str, params: Params, paths: Paths, tracker, device, teacher=None) -> dict:
@@ -297,14 +313,48 @@ def evaluate(params: Params, paths: Paths, tracker=NullTracker(), device: torch.
     for row in rows.values():
         row.update(latency_batch=e.latency_batch, latency_threads=measured["threads"], latency_statistic=measured["statistic"])
     report = {"dataset": data_mod.describe(prepared), "models": rows,
+              "model_metrics": _model_metrics(rows, paths, prepared, e.latency_threads),
               "pruning": pruning_summary(models["distilled"], models["pruned"], rows, params.prune, clock)}
-    write_json(paths.report_json, report)
+    # the model metrics repeat the rows under MLflow's names: in the summary (resume keeps it), not in DVC's metrics
+    write_json(paths.report_json, {k: v for k, v in report.items() if k != "model_metrics"})
     table = format_table(report)
     write_text(paths.report_md, table)
     tracker.log_metrics({f"{name}.{k}": v for name, row in rows.items() for k, v in row.items()})
     tracker.log_metrics({f"pruning.{k}": v for k, v in report["pruning"].items()})
     tracker.log_text(table, "table.md")
+    log_on_model_runs(report, paths, tracker)
     return report
+
+
+def _model_metrics(rows: dict, paths: Paths, prepared: dict, threads: int | None) -> dict[str, dict]:
+    """MODEL_METRICS of each model: the same names for all, so MLflow's Compare view lines them up. Latency is on
+    each model's runtime: torch on the CPU, ONNX Runtime for the served file (whose accuracy is measured on it)."""
+    from kdprune.export import OrtModel
+    from kdprune.serving import served_logits
+
+    served = OrtModel(paths.onnx, threads=threads)
+    accuracy = {s: round(float((served_logits(served, prepared[f"{s}_x"]).argmax(1) == prepared[f"{s}_y"])
+                               .float().mean()), 4) for s in ("test", "val")}
+    pruned = rows["pruned"]
+    numbers = {name: (row["test_accuracy"], row["val_accuracy"], row["macs"], row["params"], row["size_kb"],
+                      row["cpu_latency_ms_b1"], row["cpu_latency_ms_batch"], row["latency_batch"])
+               for name, row in rows.items()}
+    numbers["served"] = (accuracy["test"], accuracy["val"], pruned["macs"], pruned["params"],
+                         round(paths.onnx.stat().st_size / 1024, 1), pruned["ort_latency_ms_b1"],
+                         pruned["ort_latency_ms_batch"], pruned["latency_batch"])
+    return {name: dict(zip(MODEL_METRICS, numbers[name])) for name in MODEL_STAGES}
+
+
+def log_on_model_runs(report: dict, paths: Paths, tracker) -> None:
+    """Put the report's MODEL_METRICS on the run that made each model: the latest run that wrote that file, trained
+    or skipped by resume (the runner calls this again when evaluate itself is skipped)."""
+    from kdprune.lineage import file_hash
+
+    for name, stage in MODEL_STAGES.items():
+        path = paths.onnx if name == "served" else paths.model(name)
+        run_id = tracker.run_for_output(stage, file_hash(path))
+        if run_id and name in report.get("model_metrics", {}):
+            tracker.log_metrics_to(run_id, report["model_metrics"][name])
 
 
 def register(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:

@@ -88,11 +88,16 @@ class NullTracker:
     def run_for_output(self, stage: str, sha256: str | None) -> str | None:
         return None
 
+    def log_metrics_to(self, run_id: str, metrics: dict) -> None: ...
+
     def close_orphans(self) -> list[str]:
         return []
 
     def not_logged(self) -> str | None:
         return None
+
+    def store_failed(self, error: BaseException) -> bool:
+        return False
 
 
 def _first_line(error: BaseException) -> str:
@@ -200,7 +205,7 @@ class MlflowTracker:
         return child
 
     # ------------------------------------------------------------------ a store that fails mid-run
-    def _store_failed(self, error: BaseException) -> bool:
+    def store_failed(self, error: BaseException) -> bool:
         """Whether `error` means the store is gone (server down, disk full, read-only), not a bug in the call."""
         if isinstance(error, OSError) or any(text in str(error) for text in ("disk is full", "No space left",
                                                                                "readonly database", "unable to open")):
@@ -227,7 +232,7 @@ class MlflowTracker:
                     if busy and time.monotonic() < deadline:
                         time.sleep(1.0)
                         continue
-                    if not busy and not self._store_failed(error):
+                    if not busy and not self.store_failed(error):
                         raise
                     lost = _LOST.setdefault(self.tracking_uri, {"error": _first_line(error), "missed": []})
                     break
@@ -255,7 +260,9 @@ class MlflowTracker:
         for run in runs:
             token = run.data.tags.get("kdprune.process")
             if run.data.tags.get("kdprune.host") == socket.gethostname() and token and not process_alive(token):
-                self.client.set_terminated(run.info.run_id, "KILLED")
+                if self._logged("orphan close run", self.client.set_terminated, run.info.run_id, "KILLED") is None \
+                        and self.tracking_uri in _LOST:
+                    break  # the store failed (a full disk): the run goes on and says so at the end
                 closed.append(run.info.run_id)
         return closed
 
@@ -293,6 +300,10 @@ class MlflowTracker:
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if items:
             self._logged("metrics", self.client.log_batch, self.run_id, metrics=items)
+
+    def log_metrics_to(self, run_id: str, metrics: dict) -> None:
+        """Log on another run of this experiment (the evaluate stage puts each model's numbers on its own run)."""
+        self._child(run_id, self.run_name).log_metrics(metrics)
 
     def set_tags(self, tags: dict) -> None:
         for key, value in tags.items():
@@ -467,14 +478,17 @@ class MlflowTracker:
         return found[0].info.run_id if found else None
 
     # ------------------------------------------------------------------------------ grouping DVC stage runs
-    def group_run(self, key: str, name: str, tags: dict) -> str:
-        """The id of the parent run tagged `kdprune.group=key` (created, already FINISHED, if there is none)."""
+    def group_run(self, key: str, name: str, tags: dict, params: dict | None = None) -> str:
+        """The id of the parent run tagged `kdprune.group=key` (created, already FINISHED, if there is none, with
+        `params` logged on it, so the experiment's row in the UI shows what it ran)."""
         found = self.client.search_runs([self.experiment_id], filter_string=f"tags.`kdprune.group` = '{key}'",
                                         max_results=1)
         if found:
             return found[0].info.run_id
         run = self.client.create_run(self.experiment_id, run_name=name,
                                      tags={"mlflow.runName": name, "kdprune.group": key, **tags})
+        if params:
+            self._child(run.info.run_id, name).log_params(params)
         self.client.set_terminated(run.info.run_id, "FINISHED")  # a container: never left RUNNING
         return run.info.run_id
 

@@ -108,3 +108,15 @@ def test_a_temporary_file_left_by_a_killed_writer_is_removed_by_the_next_write(t
     orphan.write_text("half")
     write_text(tmp_path / "out.json", "{}")
     assert not orphan.exists() and (tmp_path / "out.json").read_text() == "{}"
+
+
+def test_a_failed_write_names_the_output_it_was_for(tmp_path):
+    import errno
+
+    from kdprune.io import atomic_path
+
+    with pytest.raises(OSError) as info:
+        with atomic_path(tmp_path / "out.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")  # as write() on a full disk: no file named
+    assert info.value.filename == str(tmp_path / "out.json") and info.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []

@@ -181,3 +181,29 @@ def test_prune_sensitivity_targets_must_be_fractions():
 def test_a_learning_rate_float32_weights_cannot_take_is_refused_naming_the_field():
     with pytest.raises(KdpruneError, match=r"teacher.train.lr"):
         config.parse({"teacher": {"train": {"lr": 1e39}}})
+
+
+@pytest.mark.parametrize("cron", ["every day", "61 3 * * *", "0 3 * *"])
+def test_a_bad_cron_is_one_line_naming_the_field(cron):
+    with pytest.raises(KdpruneError, match=r"serve.cron: .*not a cron expression") as info:
+        config.parse({"serve": {"cron": cron}})
+    assert "\n" not in str(info.value)
+    assert config.parse({"serve": {"cron": "*/15 2-4 * * 1-5"}}).serve.cron == "*/15 2-4 * * 1-5"
+
+
+@pytest.mark.parametrize("data, name", [
+    ({}, "kdprune-digits"),
+    ({"source": "cifar10"}, "kdprune-cifar10"),
+    ({"source": "imagefolder", "path": "/data/My Pets.tar.gz"}, "kdprune-My-Pets"),
+    ({"source": "imagefolder", "path": "shots/"}, "kdprune-shots"),
+])
+def test_the_registry_name_comes_from_the_data_unless_set(data, name):
+    assert config.parse({"data": data}).registry.model_name == name
+    assert config.parse({"data": data, "registry": {"model_name": None}}).registry.model_name == name
+    assert config.parse({"data": data, "registry": {"model_name": "mine"}}).registry.model_name == "mine"
+
+
+def test_switching_the_shipped_params_to_an_image_folder_changes_the_registry_name(tmp_path):
+    params = config.load(REPO / "params.yaml", ["data.source=imagefolder", f"data.path={tmp_path / 'cats'}"])
+    assert params.registry.model_name == "kdprune-cats"
+    assert config.load(REPO / "params.yaml").registry.model_name == "kdprune-digits"

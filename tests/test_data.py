@@ -207,12 +207,11 @@ def test_empty_dataset_folder(tmp_path):
     assert str(tmp_path / "empty") in message and "train/" in message
 
 
-@pytest.mark.parametrize("missing", ["train", "test"])
-def test_archive_without_split(tmp_path, missing):
-    root = make_imagefolder(tmp_path / "images", splits=[s for s in ("train", "test") if s != missing])
+def test_archive_without_train(tmp_path):  # without test/ it is carved from train (see below)
+    root = make_imagefolder(tmp_path / "images", splits=["test"])
     archive = make_tar(root, tmp_path / "images.tar.gz")
     message = _load_error(archive)
-    assert str(archive) in message and f"no {missing}/" in message
+    assert str(archive) in message and "no train/" in message
 
 
 def test_test_class_absent_from_train(tmp_path):
@@ -475,3 +474,32 @@ def test_a_symlinked_class_folder_is_read_like_any_other(tmp_path):
     (root / "train" / "cat" / "loop").symlink_to(root / "train", target_is_directory=True)  # a cycle ends
     train_x, train_y, _, _, classes = data.load_imagefolder_source(root)
     assert classes == ["cat", "dog"] and sorted(set(train_y.tolist())) == [0, 1]
+
+
+def test_a_train_only_folder_gets_a_seeded_test_split_apart_from_validation(tmp_path):
+    root = make_imagefolder(tmp_path / "imgs", per_class={"train": 20}, splits=("train",))
+    params = config.parse({"data": {"source": "imagefolder", "path": str(root), "test_fraction": 0.25}}).data
+    prepared = data.prepare(params, 0)
+    assert len(prepared["test_y"]) == 10 and len(prepared["train_y"]) + len(prepared["val_y"]) == 30
+    every = torch.cat([prepared["train_x"], prepared["val_x"], prepared["test_x"]]).flatten(1)
+    assert len({row.numpy().tobytes() for row in every}) == 40  # no image in two splits
+    assert torch.equal(data.prepare(params, 0)["test_x"], prepared["test_x"])  # seeded
+    assert not torch.equal(data.prepare(params, 1)["test_x"], prepared["test_x"])
+    other = data.prepare(params.model_copy(update={"test_fraction": 0.5}), 0)
+    assert len(other["test_y"]) == 20  # the option is read
+
+
+def test_a_folder_and_an_archive_of_it_in_any_member_order_give_one_dataset(tmp_path):
+    import tarfile
+
+    root = make_imagefolder(tmp_path / "imgs", per_class={"train": 12, "test": 3})
+    archive = tmp_path / "shuffled.tar"
+    members = sorted(p for p in root.rglob("*.png"))
+    with tarfile.open(archive, "w") as tar:  # reversed member order, as another archiver may write them
+        for path in reversed(members):
+            tar.add(path, arcname=path.relative_to(root).as_posix())
+    from_folder = data.prepare(config.parse({"data": {"source": "imagefolder", "path": str(root)}}).data, 0)
+    from_archive = data.prepare(config.parse({"data": {"source": "imagefolder", "path": str(archive)}}).data, 0)
+    assert from_folder["dataset_id"] == from_archive["dataset_id"]
+    for key in ("train_x", "val_x", "test_x", "train_y"):
+        assert torch.equal(from_folder[key], from_archive[key])

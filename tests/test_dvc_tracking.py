@@ -55,6 +55,8 @@ def test_dvc_stage_runs_are_tagged_and_grouped(tmp_path):
     runs = all_runs(uri)
     exp_parents = [r for r in runs if r.info.run_name == "dvc exp run seed-one"]
     assert len(exp_parents) == 1 and exp_parents[0].data.tags["kdprune.dvc_exp"] == "seed-one"
+    assert exp_parents[0].data.params["seed"] == "1"  # the experiment's row in the UI says what it ran
+    assert parents[0].data.params["seed"] == "0" and "distill.temperature" in exp_parents[0].data.params
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == exp_parents[0].info.run_id]
     assert sorted(r.data.tags["kdprune.stage"] for r in children) == ["prepare", "search-teacher"]
     assert all(r.data.tags["kdprune.dvc_exp"] == "seed-one" and r.data.tags["kdprune.git_commit"] == head

@@ -63,6 +63,22 @@ def test_pipeline_flow_end_to_end(prefect_harness, workdir):
     assert all(r.data.tags.get("kdprune.stage") == r.info.run_name for r in children)
     by_name = {r.info.run_name: r for r in children}
     assert by_name["teacher"].data.metrics["final_epochs"] == 2
+    # MLflow's Compare view lines up: every model's run carries the same metric set (pinned here)
+    from kdprune.stages import MODEL_METRICS, MODEL_STAGES
+
+    assert MODEL_METRICS == ("model.test_accuracy", "model.val_accuracy", "model.macs", "model.params",
+                             "model.size_kb", "model.latency_ms_b1", "model.latency_ms_batch", "model.latency_batch")
+    for model, stage in MODEL_STAGES.items():
+        metrics = MlflowClient(mlflow_uri(workdir)).get_run(by_name[stage].info.run_id).data.metrics
+        assert set(MODEL_METRICS) <= set(metrics), (model, sorted(metrics))
+        row = result["report"]["models"]["pruned" if model == "served" else model]
+        assert metrics["model.macs"] == row["macs"] and metrics["model.latency_batch"] == row["latency_batch"]
+        if model != "served":
+            assert metrics["model.test_accuracy"] == row["test_accuracy"]
+            assert metrics["model.latency_ms_b1"] == row["cpu_latency_ms_b1"]
+        else:  # the served file itself, on ONNX Runtime
+            assert metrics["model.latency_ms_b1"] == row["ort_latency_ms_b1"]
+            assert abs(metrics["model.test_accuracy"] - row["test_accuracy"]) <= 0.01
     assert "pruned.test_accuracy" in parents[0].data.metrics
 
     client = MlflowClient(mlflow_uri(workdir))
@@ -86,6 +102,18 @@ def test_pipeline_flow_end_to_end(prefect_harness, workdir):
     assert "| pruned |" in reports[0].data and "champion" in reports[0].data
     assert "ONNX Runtime CPU ms" in reports[0].data and "per class" in reports[0].data
 
+    # a rerun skips every stage (resume); its skipped model runs carry the same metric set as the trained ones
+    again = pipeline(params_path=str(params_path), device="cpu", root=str(workdir), return_state=True)
+    assert again.is_completed(), again
+    second = [r for r in all_runs(mlflow_uri(workdir)) if r.info.run_id not in {c.info.run_id for c in runs}]
+    second_by_name = {r.info.run_name: r for r in second}
+    for model, stage in MODEL_STAGES.items():
+        run = second_by_name[stage]
+        assert run.data.tags.get("kdprune.skipped") == "outputs up to date"
+        metrics = client.get_run(run.info.run_id).data.metrics
+        first = client.get_run(by_name[stage].info.run_id).data.metrics
+        assert {k: metrics.get(k) for k in MODEL_METRICS} == {k: first[k] for k in MODEL_METRICS}, model
+
 
 def test_flow_with_bad_params_fails_without_runs(prefect_harness, workdir):
     from flows.pipeline import pipeline
@@ -108,3 +136,33 @@ def test_flow_stage_failure_marks_runs_failed(prefect_harness, workdir):
     assert state.is_failed()
     runs = {r.info.run_name: r.info.status for r in all_runs(mlflow_uri(workdir))}
     assert runs == {"pipeline": "FAILED", "prepare": "FAILED"}
+
+
+@pytest.mark.slow
+def test_the_prefect_server_script_takes_its_port(tmp_path):
+    """scripts/prefect-server.sh PORT: a real server answers on that port (a second one beside 4200 is possible)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import urllib.request
+
+    from conftest import REPO, subprocess_env
+
+    bad = subprocess.run(["bash", str(REPO / "scripts" / "prefect-server.sh"), "42oo"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "PORT must be a number, got '42oo'" in bad.stderr
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = subprocess_env(PREFECT_HOME=str(tmp_path / "prefect"))
+    done = subprocess.run(["bash", str(REPO / "scripts" / "prefect-server.sh"), str(port)], capture_output=True,
+                          text=True, env=env, timeout=180)
+    pid = int((REPO / ".prefect-server.pid").read_text())
+    try:
+        assert done.returncode == 0, done.stderr
+        assert f"PREFECT_API_URL=http://127.0.0.1:{port}/api" in done.stdout
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=10) as response:
+            assert response.status == 200
+    finally:
+        os.kill(pid, signal.SIGTERM)

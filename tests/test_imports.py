@@ -81,3 +81,31 @@ def test_telemetry_switches_have_one_definition_that_env_sh_exports():
         if path.name not in ("telemetry.py", Path(__file__).name):
             assert "MLFLOW_DISABLE_TELEMETRY=" not in path.read_text() and \
                 '"MLFLOW_DISABLE_TELEMETRY":' not in path.read_text(), path
+
+
+HELP_SCRIPT = """
+import sys
+from kdprune.cli import main
+for args in (["--help"], ["run", "--help"], ["stage", "--help"], ["serve", "--help"], ["deploy", "--help"],
+             ["predict", "--help"]):
+    try:
+        main(args)
+    except SystemExit as done:
+        assert done.code == 0, args
+print(sorted(m for m in ("torch", "torchvision", "mlflow", "prefect", "dvc", "optuna", "numpy") if m in sys.modules))
+"""
+
+
+def test_every_help_answers_without_loading_torch_or_a_pipeline_tool():
+    """`kdprune --help` must be instant: the parser is built from light modules only (measured: see README)."""
+    done = subprocess.run([sys.executable, "-c", HELP_SCRIPT], capture_output=True, text=True, env=subprocess_env(),
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_light_stage_list_is_the_runners():
+    from kdprune.runner import STAGES
+    from kdprune.stage_names import STAGE_NAMES
+
+    assert tuple(STAGES) == STAGE_NAMES

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import all_runs, mlflow_uri, tiny_params_dict
+from conftest import REPO, all_runs, mlflow_uri, tiny_params_dict
 from kdprune import config
 from kdprune.io import read_json
 from kdprune.project import Paths
@@ -115,6 +115,10 @@ def test_gate_keeps_the_champion_unless_clearly_beaten(project, tiny_params):
     assert tags["lineage.dataset_id"] == tags["dataset_id"] and len(tags["lineage.params_sha256"]) == 64
     assert tags["lineage.run.register"] == run.info.run_id and tags["promotion"] == better["reason"]
     assert {"lineage.git_commit", "lineage.git_dirty", "lineage.kdprune_version", "lineage.torch_version"} <= set(tags)
+    from kdprune.lineage import code_hash, git_state
+
+    assert tags["lineage.code_sha256"] == code_hash()
+    assert tags["lineage.code_git_commit"] == git_state(REPO)["git_commit"]  # the code's checkout, not the project's
 
     # every run finished; the lock is gone
     assert sorted((r.info.run_name, r.info.status) for r in all_runs(mlflow_uri(project))) == [("register", "FINISHED")] * 4

@@ -306,3 +306,38 @@ def test_a_busy_sqlite_store_is_waited_for_then_given_up_in_one_line(tmp_path, m
     assert [m.value for m in history] == [0.5]
     line = tracker.not_logged()
     assert "database is locked" in line and "teacher metrics" in line and "\n" not in line
+
+
+def test_a_store_failing_in_the_orphan_cleanup_or_inside_register_is_one_line(project, tiny_params, monkeypatch):
+    import errno
+
+    from kdprune.errors import KdpruneError
+    from kdprune.lock import process_token
+
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    gone = subprocess.Popen(["sleep", "0"])
+    token = process_token(gone.pid)
+    gone.wait()
+    tracker = MlflowTracker(uri)
+    orphan = tracker.client.create_run(tracker.experiment_id, tags={"kdprune.host": socket.gethostname(),
+                                                                    "kdprune.process": token})
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tracker.client, "set_terminated", full_disk)
+    assert tracker.close_orphans() == []  # nothing raised: the run goes on and says so at the end
+    assert "orphan close run" in tracker.not_logged() and "No space left" in tracker.not_logged()
+    assert tracker.client.get_run(orphan.info.run_id).info.status == "RUNNING"
+    monkeypatch.undo()
+    from kdprune import tracking
+
+    tracking._LOST.clear()
+
+    monkeypatch.setattr(MlflowTracker, "champion", lambda self, name, alias: full_disk())
+    with pytest.raises(KdpruneError) as info:
+        run_stage("register", tiny_params, Paths(project), MlflowTracker(uri), CPU)
+    line = str(info.value)
+    assert line.startswith("register: the tracking store failed (") and "\n" not in line
+    assert "models/pruned.onnx is saved" in line
+    assert [m.name for m in MlflowTracker(uri).client.search_registered_models()] == []  # the lock was released
