@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/env.sh
-exec python -m pytest -q "$@"
+exec python -m pytest -q --durations=15 "$@"   # the 15 slowest tests close the report
