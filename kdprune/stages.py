@@ -84,13 +84,13 @@ def _train_and_save(name: str, model: ModelParams | torch.nn.Module, spec: dict,
     return summary
 
 
-TRAINING_STAGES = ("teacher", "student", "distill", "prune")
+TRAINED = ("teacher", "student", "distill", "distilled", "prune", "pruned")  # training stages and their models
 
 
 def summary_metrics(stage: str, summary: dict) -> dict:
     """A stage's summary as run metrics, named alike whether the stage trained or was skipped by resume: a training
-    stage's end values are `final_*` (the plain names hold the per-epoch curves)."""
-    if stage in TRAINING_STAGES:
+    stage's end values are `final_*` (the plain names hold the per-epoch curves). `stage`: its name or its model's."""
+    if stage in TRAINED:
         return {f"final_{k}": v for k, v in summary.items()}
     return {k: v for k, v in summary.items() if not isinstance(v, dict)}
 

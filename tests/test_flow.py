@@ -63,6 +63,9 @@ def test_pipeline_flow_end_to_end(prefect_harness, workdir):
     assert all(r.data.tags.get("kdprune.stage") == r.info.run_name for r in children)
     by_name = {r.info.run_name: r for r in children}
     assert by_name["teacher"].data.metrics["final_epochs"] == 2
+    for stage in ("teacher", "student", "distill", "prune"):  # the same summary names on every training run
+        assert {"final_val_accuracy", "final_epochs", "final_macs"} <= set(by_name[stage].data.metrics), stage
+        assert "epochs" not in by_name[stage].data.metrics, stage
     # MLflow's Compare view lines up: every model's run carries the same metric set (pinned here)
     from kdprune.stages import MODEL_METRICS, MODEL_STAGES
 
@@ -113,6 +116,8 @@ def test_pipeline_flow_end_to_end(prefect_harness, workdir):
         metrics = client.get_run(run.info.run_id).data.metrics
         first = client.get_run(by_name[stage].info.run_id).data.metrics
         assert {k: metrics.get(k) for k in MODEL_METRICS} == {k: first[k] for k in MODEL_METRICS}, model
+        if stage != "export":  # skipped, the training runs carry the trained ones' summary names
+            assert {k for k in first if k.startswith("final_")} <= set(metrics), stage
 
 
 def test_flow_with_bad_params_fails_without_runs(prefect_harness, workdir):
