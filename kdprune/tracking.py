@@ -18,6 +18,7 @@ import torch
 
 from kdprune.errors import KdpruneError
 from kdprune.lock import process_alive, process_token
+from kdprune.signals import deferred_signals
 
 # Bounded retries: MLflow's defaults (7 retries, backoff factor 2, 120 s timeout) turn a dead server into minutes
 # of waiting per call. Users can still set these themselves.
@@ -226,7 +227,8 @@ class MlflowTracker:
             deadline = time.monotonic() + self.busy_wait_s
             while True:
                 try:
-                    return call(*args, **kwargs)
+                    with deferred_signals():  # a write cut short by a signal would leave SQLite locked
+                        return call(*args, **kwargs)
                 except Exception as error:  # noqa: BLE001 - MLflow and its HTTP/SQL layers raise many types
                     busy = "database is locked" in str(error)
                     if busy and time.monotonic() < deadline:

@@ -415,3 +415,40 @@ def test_tracking_server_dying_mid_run_is_reported_in_one_line(tmp_path, monkeyp
         if server.poll() is None:
             server.kill()
         server.wait()
+
+
+def test_a_signal_during_a_store_write_lets_the_write_finish_then_stops_and_closes_the_run(tmp_path):
+    """SIGTERM landing inside an MLflow SQLite write used to cut its transaction short: the database stayed locked
+    by the process itself, closing the runs waited on that lock, and `kdprune run` hung past a minute (CI)."""
+    from conftest import fresh_mlflow_store
+    from kdprune.signals import exit_on_sigterm
+    from kdprune.tracking import MlflowTracker
+
+    uri = fresh_mlflow_store(tmp_path)
+    tracker = MlflowTracker(uri)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    exit_on_sigterm()
+    try:
+        real = tracker.client.log_batch
+
+        def interrupted_write(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)  # lands in the middle of the write
+            time.sleep(0.05)  # the handler runs here, on the main thread
+            return real(*args, **kwargs)
+
+        started = time.monotonic()
+        with pytest.raises(SystemExit) as info:
+            with tracker.run("teacher") as run:
+                tracker.client.log_batch = interrupted_write
+                run.log_metrics({"val_accuracy": 0.5}, step=1)
+                tracker.client.log_batch = real
+                pytest.fail("the signal was dropped")
+        assert info.value.code == 143 and time.monotonic() - started < 5
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    assert [m.value for m in client.get_metric_history(run.run_id, "val_accuracy")] == [0.5]  # the write finished
+    assert client.get_run(run.run_id).info.status == "FAILED"
