@@ -313,7 +313,7 @@ def evaluate(params: Params, paths: Paths, tracker=NullTracker(), device: torch.
     for row in rows.values():
         row.update(latency_batch=e.latency_batch, latency_threads=measured["threads"], latency_statistic=measured["statistic"])
     report = {"dataset": data_mod.describe(prepared), "models": rows,
-              "model_metrics": _model_metrics(rows, paths, prepared, e.latency_threads),
+              "model_metrics": _model_metrics(rows, paths, prepared, timed["pruned_onnx"]),
               "pruning": pruning_summary(models["distilled"], models["pruned"], rows, params.prune, clock)}
     # the model metrics repeat the rows under MLflow's names: in the summary (resume keeps it), not in DVC's metrics
     write_json(paths.report_json, {k: v for k, v in report.items() if k != "model_metrics"})
@@ -326,13 +326,12 @@ def evaluate(params: Params, paths: Paths, tracker=NullTracker(), device: torch.
     return report
 
 
-def _model_metrics(rows: dict, paths: Paths, prepared: dict, threads: int | None) -> dict[str, dict]:
+def _model_metrics(rows: dict, paths: Paths, prepared: dict, served: torch.nn.Module) -> dict[str, dict]:
     """MODEL_METRICS of each model: the same names for all, so MLflow's Compare view lines them up. Latency is on
-    each model's runtime: torch on the CPU, ONNX Runtime for the served file (whose accuracy is measured on it)."""
-    from kdprune.export import OrtModel
+    each model's runtime: torch on the CPU, ONNX Runtime for the served file (whose accuracy is measured on it, with
+    `served`, the session evaluate timed)."""
     from kdprune.serving import served_logits
 
-    served = OrtModel(paths.onnx, threads=threads)
     accuracy = {s: round(float((served_logits(served, prepared[f"{s}_x"]).argmax(1) == prepared[f"{s}_y"])
                                .float().mean()), 4) for s in ("test", "val")}
     pruned = rows["pruned"]
