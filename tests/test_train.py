@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kdprune.config import AugmentParams, DistillParams, TrainParams
@@ -183,3 +184,66 @@ def test_batch_size_larger_than_the_data():
     train, val = splits(n_train=20)
     model, history = fit(tiny_model(), train, val, TRAIN.model_copy(update={"batch_size": 512}), stage="unit")
     assert len(history) == 2
+
+
+# ------------------------------------------------------------------ pinned options: each test fails if fit ignored it
+def _recorder(snapshots: list):
+    """An after_backward hook that records (weights before this step, their gradients) for every parameter."""
+    def record(model: nn.Module) -> None:
+        snapshots.append([(p.detach().clone(), p.grad.detach().clone()) for p in model.parameters()])
+    return record
+
+
+def test_ema_weights_are_the_exponential_average_of_the_raw_weights_and_are_returned():
+    train, val = splits()
+    decay, raw, steps = 0.8, tiny_model(), []
+    averaged, _ = fit(raw, train, val, TRAIN.model_copy(update={"ema": decay}), stage="unit",
+                      after_backward=_recorder(steps))
+    # the raw weights after each step: those seen before the next step, then the raw model's final ones
+    after = [[w for w, _ in s] for s in steps[1:]] + [[p.detach() for p in raw.parameters()]]
+    expected = after[0]  # the first update copies, the next ones average
+    for weights in after[1:]:
+        expected = [decay * e + (1 - decay) * w for e, w in zip(expected, weights)]
+    got = list(averaged.parameters())
+    assert all(torch.allclose(g, e, atol=1e-6) for g, e in zip(got, expected))
+    assert max((g - w).abs().max().item() for g, w in zip(got, after[-1])) > 1e-3  # not the raw weights
+    assert averaged is not raw
+
+
+@pytest.mark.parametrize("distil", [False, True])
+def test_label_smoothing_is_the_loss_that_is_trained(distil):
+    train, val = splits()
+    teacher = tiny_model(seed=5).eval() if distil else None
+    # one full batch, a vanishing lr and no augmentation: the first epoch's loss is the loss of the initial model
+    params = TRAIN.model_copy(update={"batch_size": len(train), "lr": 1e-12, "epochs": 1, "label_smoothing": 0.3})
+    initial = tiny_model()
+    with torch.no_grad():
+        logits = initial.train()(train.inputs(slice(None)))
+    _, smoothed = fit(tiny_model(), train, val, params, stage="unit", teacher=teacher,
+                      distill=DistillParams(alpha=0.0) if distil else None)
+    _, plain = fit(tiny_model(), train, val, params.model_copy(update={"label_smoothing": 0.0}), stage="unit",
+                   teacher=teacher, distill=DistillParams(alpha=0.0) if distil else None)
+    assert smoothed[0]["train_loss"] == pytest.approx(F.cross_entropy(logits, train.y, label_smoothing=0.3).item(),
+                                                      rel=1e-4)
+    assert plain[0]["train_loss"] == pytest.approx(F.cross_entropy(logits, train.y).item(), rel=1e-4)
+    assert smoothed[0]["train_loss"] != pytest.approx(plain[0]["train_loss"], rel=1e-3)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_the_learning_rate_of_every_step_is_the_schedules(schedule):
+    from kdprune.optim import schedule_scale
+
+    train, val = splits()
+    # plain SGD without momentum or decay: each step moves the weights by exactly -lr * gradient
+    params = TRAIN.model_copy(update={"optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0, "epochs": 3,
+                                      "warmup_epochs": 1, "schedule": schedule, "lr": 0.1})
+    model, steps = tiny_model(), []
+    fit(model, train, val, params, stage="unit", after_backward=_recorder(steps))
+    after = [s[0][0] for s in steps[1:]] + [next(model.parameters()).detach()]
+    per_epoch = len(train) // params.batch_size
+    used = []
+    for (before, grad), moved in zip([s[0] for s in steps], after):
+        used.append(-((moved - before) * grad).sum().item() / (grad * grad).sum().item())
+    expected = [0.1 * schedule_scale(k, 3 * per_epoch, per_epoch, schedule) for k in range(3 * per_epoch)]
+    assert len(used) == len(expected) == 24
+    assert used == pytest.approx(expected, rel=1e-3, abs=1e-6)
