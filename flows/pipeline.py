@@ -22,6 +22,7 @@ from kdprune.errors import KdpruneError
 from kdprune.lineage import inputs_fingerprint
 from kdprune.lock import project_lock
 from kdprune.search import open_storage
+from kdprune.stages import report_metrics
 from kdprune.project import Paths, resolve_device
 from kdprune.tracking import MlflowTracker, NullTracker
 from flows.search import run_search
@@ -130,7 +131,8 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
                    f"(also an artifact of this MLflow run)\n\nRegistry: {registration['model_name']} v{registration['version']}, "
                    f"{'promoted to' if registration['promoted'] else 'not promoted to'} "
                    f"@{registration['alias']}: {registration['reason']}\n")
-        parent.log_metrics({f"{name}.{k}": v for name, row in report["models"].items() for k, v in row.items()})
+        parent.log_metrics(report_metrics(report))
+        parent.set_tags({"kd_gain": report.get("kd_gain", {}).get("verdict", "")})
         parent.log_text(summary, "report.md")
         parent.log_artifact(paths.confusion_png)
         create_markdown_artifact(summary, key="kdprune-report", description=f"kdprune on {data['source']}")

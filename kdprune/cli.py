@@ -209,8 +209,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             summary = _run_one_stage(args.name, params, Paths(Path(".")), tracker, device)
             if args.name == "evaluate" and isinstance(summary.get("models"), dict) and tracker.run_id:
                 # the parent run (a `dvc exp run`'s, a `dvc repro`'s) carries the report's numbers, as the flow's does
-                tracker.log_metrics({f"{name}.{k}": v for name, row in summary["models"].items()
-                                     for k, v in row.items()})
+                from kdprune.stages import report_metrics
+
+                tracker.log_metrics(report_metrics(summary))
+                tracker.set_tags({"kd_gain": summary.get("kd_gain", {}).get("verdict", "")})
             check_inputs_unchanged(before, args.params, what)  # else `dvc repro` would record what was not used
             if distributed.is_main():
                 print(f"{args.name}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict)))

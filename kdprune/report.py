@@ -8,6 +8,29 @@ from __future__ import annotations
 import torch
 
 from kdprune.metrics import layer_channels
+from kdprune.registry import mcnemar_p, paired_counts
+
+KD_SIGNIFICANCE = 0.05  # the one-sided McNemar p below which a run says distillation paid (or cost)
+
+
+def kd_gain(distilled_correct: torch.Tensor, student_correct: torch.Tensor, method: str) -> dict:
+    """Distilled student vs the student trained alone (same seed, schedule and initial weights) on the same test
+    images: images won and lost, the gain in images and points, and exact one-sided McNemar p-values for "better"
+    and "worse" (the registry gate's test), with a one-line verdict."""
+    counts = paired_counts(distilled_correct.tolist(), student_correct.tolist())
+    wins, losses, n = counts["wins"], counts["losses"], counts["images"]
+    p_better, p_worse = mcnemar_p(wins, losses), mcnemar_p(losses, wins)
+    if p_better <= KD_SIGNIFICANCE:
+        verdict = "distillation paid"
+    elif p_worse <= KD_SIGNIFICANCE:
+        verdict = "distillation cost accuracy"
+    else:
+        verdict = "no significant difference"
+    return {"method": method, "images": n, "wins": wins, "losses": losses, "gain": wins - losses,
+            "gain_points": round(100 * (wins - losses) / n, 2) if n else 0.0,
+            "p_better": round(p_better, 6), "p_worse": round(p_worse, 6),
+            "verdict": f"{verdict} ({method}: {wins - losses:+d} of {n} test images, won {wins}, lost {losses}, "
+                       f"p = {min(p_better, p_worse):.3g})"}
 
 
 def pruning_summary(distilled: torch.nn.Module, pruned: torch.nn.Module, rows: dict, prune_params,
@@ -61,6 +84,12 @@ def format_table(report: dict) -> str:
         lines += ["", f"CPU ms: wall time; CPU-time ms: the process's CPU time (with one thread on a shared CPU, the "
                       f"better estimate of an idle core). Both: {first['latency_statistic']} of interleaved repeats "
                       f"across the models, {first['latency_threads']} thread(s), after warm-up."]
+    gain = report.get("kd_gain")
+    if gain:
+        lines += ["", f"Distillation ({gain['method']}) vs the student alone, paired on the {gain['images']} test images: "
+                      f"won {gain['wins']}, lost {gain['losses']}, gain {gain['gain']:+d} images "
+                      f"({gain['gain_points']:+.2f} points); exact one-sided McNemar p = {gain['p_better']:.3g} "
+                      f"(better), {gain['p_worse']:.3g} (worse): {gain['verdict'].split(' (')[0]}."]
     pruning = report.get("pruning")
     if pruning:
         def pct(v):

@@ -27,7 +27,7 @@ from kdprune.plots import sensitivity_plot
 from kdprune.project import Paths, effective_params, input_spec, resolve_device, make_splits, train_new
 from kdprune.pruning import (SparsityPenalty, count_macs_params, default_round_to, macs_cost, prune_in_rounds,
                              search_within)
-from kdprune.report import format_table, pruning_summary
+from kdprune.report import format_table, kd_gain, pruning_summary
 from kdprune.serving import served_pruned
 from kdprune.tracking import NullTracker
 from kdprune.train import Split, evaluate as evaluate_split, fit, predict_logits
@@ -92,7 +92,18 @@ def summary_metrics(stage: str, summary: dict) -> dict:
     stage's end values are `final_*` (the plain names hold the per-epoch curves). `stage`: its name or its model's."""
     if stage in TRAINED:
         return {f"final_{k}": v for k, v in summary.items()}
+    if stage == "evaluate":
+        return report_metrics(summary)
     return {k: v for k, v in summary.items() if not isinstance(v, dict)}
+
+
+def report_metrics(report: dict) -> dict:
+    """The evaluate report as flat run metrics (the evaluate run's, and the pipeline's parent run's): each model's
+    row as `MODEL.KEY`, the pruning summary as `pruning.KEY`, the paired KD gain as `kd_gain.KEY`."""
+    flat = {f"{name}.{k}": v for name, row in report.get("models", {}).items() for k, v in row.items()}
+    for section in ("pruning", "kd_gain"):
+        flat.update({f"{section}.{k}": v for k, v in report.get(section, {}).items()})
+    return {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _role_stage(name: str, role_name: str, params: Params, paths: Paths, tracker, device, teacher=None) -> dict:
@@ -283,13 +294,15 @@ def evaluate(params: Params, paths: Paths, tracker=NullTracker(), device: torch.
     splits = {s: Split.from_prepared(prepared, s, device) for s in ("val", "test")}
     tta = {"teacher": params.teacher.train.tta, "student": params.student.train.tta,
            "distilled": params.student.train.tta, "pruned": params.prune.finetune.tta}
-    rows, models = {}, {}
+    rows, models, test_correct = {}, {}, {}
     for name in MODEL_NAMES:
         model, payload = load_model(paths.model(name))
         model.to(device)
         input_shape = tuple(payload["input_shape"])
+        test_logits = predict_logits(model, splits["test"], tta=tta[name])
+        test_correct[name] = (test_logits.argmax(1) == splits["test"].y).cpu()
         rows[name] = {
-            "test_accuracy": round(evaluate_split(model, splits["test"], tta=tta[name])["accuracy"], 4),
+            "test_accuracy": round(test_correct[name].float().mean().item(), 4),
             "val_accuracy": round(evaluate_split(model, splits["val"], tta=tta[name])["accuracy"], 4),
             **model_costs(model, input_shape, paths.model(name)),
         }
@@ -314,13 +327,14 @@ def evaluate(params: Params, paths: Paths, tracker=NullTracker(), device: torch.
         row.update(latency_batch=e.latency_batch, latency_threads=measured["threads"], latency_statistic=measured["statistic"])
     report = {"dataset": data_mod.describe(prepared), "models": rows,
               "model_metrics": _model_metrics(rows, paths, prepared, timed["pruned_onnx"]),
-              "pruning": pruning_summary(models["distilled"], models["pruned"], rows, params.prune, clock)}
+              "pruning": pruning_summary(models["distilled"], models["pruned"], rows, params.prune, clock),
+              "kd_gain": kd_gain(test_correct["distilled"], test_correct["student"], params.distill.method)}
     # the model metrics repeat the rows under MLflow's names: in the summary (resume keeps it), not in DVC's metrics
     write_json(paths.report_json, {k: v for k, v in report.items() if k != "model_metrics"})
     table = format_table(report)
     write_text(paths.report_md, table)
-    tracker.log_metrics({f"{name}.{k}": v for name, row in rows.items() for k, v in row.items()})
-    tracker.log_metrics({f"pruning.{k}": v for k, v in report["pruning"].items()})
+    tracker.log_metrics(report_metrics(report))
+    tracker.set_tags({"kd_gain": report["kd_gain"]["verdict"]})
     tracker.log_text(table, "table.md")
     log_on_model_runs(report, paths, tracker)
     return report

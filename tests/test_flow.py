@@ -83,6 +83,11 @@ def test_pipeline_flow_end_to_end(prefect_harness, workdir):
             assert metrics["model.latency_ms_b1"] == row["ort_latency_ms_b1"]
             assert abs(metrics["model.test_accuracy"] - row["test_accuracy"]) <= 0.01
     assert "pruned.test_accuracy" in parents[0].data.metrics
+    # the run states whether distillation paid: the paired gain over the student alone, as metrics and a tag
+    gain = result["report"]["kd_gain"]
+    for run in (by_name["evaluate"], parents[0]):
+        assert run.data.metrics["kd_gain.gain"] == gain["gain"] and run.data.metrics["kd_gain.wins"] == gain["wins"]
+    assert by_name["evaluate"].data.tags["kd_gain"] == gain["verdict"]
 
     client = MlflowClient(mlflow_uri(workdir))
     parent_artifacts = [a.path for a in client.list_artifacts(parent_id)]

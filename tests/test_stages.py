@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -68,6 +69,37 @@ def test_report_accuracy_matches_the_saved_model(trained_project):
             accuracy = (model(x).argmax(1) == prepared["test_y"]).float().mean().item()
         assert report["models"][name]["test_accuracy"] == pytest.approx(accuracy, abs=1e-4)
         assert payload["extra"]["dataset_id"] == report["dataset"]["dataset_id"]
+
+
+def test_report_states_the_paired_kd_gain_of_the_saved_models(trained_project):
+    """distilled vs student alone, image by image on the test split, as the registry gate compares."""
+    paths = Paths(trained_project)
+    prepared = torch.load(paths.prepared, weights_only=True)
+    x = (prepared["test_x"].float() / 255 - prepared["mean"][None, :, None, None]) / prepared["std"][None, :, None, None]
+    correct = {}
+    for name in ("distilled", "student"):
+        model, _ = load_model(paths.model(name))
+        with torch.no_grad():
+            correct[name] = model(x).argmax(1) == prepared["test_y"]
+    wins = int((correct["distilled"] & ~correct["student"]).sum())
+    losses = int((correct["student"] & ~correct["distilled"]).sum())
+    gain = read_json(paths.report_json)["kd_gain"]
+    assert (gain["wins"], gain["losses"], gain["gain"], gain["images"]) == (wins, losses, wins - losses, len(x))
+    assert gain["method"] == "hinton" and f"won {wins}, lost {losses}" in paths.report_md.read_text()
+
+
+@pytest.mark.parametrize("wins, losses, verdict", [(20, 2, "distillation paid"), (2, 20, "distillation cost accuracy"),
+                                                    (6, 4, "no significant difference")])
+def test_kd_gain_verdict_follows_the_mcnemar_test(wins, losses, verdict):
+    from kdprune.report import kd_gain
+
+    distilled = torch.tensor([True] * wins + [False] * losses + [True] * 50 + [False] * 5)
+    student = torch.tensor([False] * wins + [True] * losses + [True] * 50 + [False] * 5)
+    gain = kd_gain(distilled, student, "dkd")
+    assert gain["verdict"].startswith(verdict) and gain["gain"] == wins - losses
+    assert gain["gain_points"] == round(100 * (wins - losses) / len(student), 2)
+    assert gain["p_better"] == pytest.approx(sum(math.comb(wins + losses, k) for k in range(wins, wins + losses + 1))
+                                             / 2 ** (wins + losses), abs=1e-6)
 
 
 def test_curves_and_stage_metrics(trained_project):
