@@ -179,6 +179,9 @@ class RegisterParams(Strict):
     max_p_value: float = Field(default=0.05, gt=0, le=1)
     max_macs_ratio: float = Field(default=1.1, gt=0)
     max_latency_ratio: float | None = Field(default=None, gt=0)
+    # Never register a served model that is slower than the distilled student it was pruned from, on the serving
+    # runtime (ONNX Runtime CPU, the evaluate stage's interleaved timing), at batch 1 or the latency batch.
+    require_faster: bool = True
 
 
 class ServeParams(Strict):

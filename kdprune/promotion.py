@@ -5,6 +5,7 @@ images, register a version and move the alias only when the gate (kdprune/regist
 from __future__ import annotations
 
 import json
+import sys
 
 import torch
 
@@ -59,6 +60,16 @@ def register(params: Params, paths: Paths, tracker=NullTracker()) -> dict:
         raise KdpruneError(f"{paths.onnx}: non-finite logits on {bad} of {len(val_x)} validation images; "
                            f"not registered")
     correct = (logits.argmax(1) == val_y).tolist()
+    slower = (registry.slower_than_parent(report.get("pruning") or {},
+                                            json_field(where, report, "models", "pruned", "latency_batch", kind=int))
+              if params.registry.require_faster else None)
+    if slower:  # a compressed model that is slower where it is served is never registered
+        result = {"model_name": params.registry.model_name, "version": None, "alias": params.registry.alias,
+                  "promoted": False, "reason": slower, "champion_before": None, "gate": {}}
+        write_json(paths.registration, result)
+        tracker.set_tags({"promotion": slower, "promoted": "false", "registered_version": "None"})
+        print(f"register: {slower}", file=sys.stderr)
+        return result
     row = ("models", "pruned")
     candidate = {"val_accuracy": round(sum(correct) / len(correct), 4),
                  "test_accuracy": json_field(where, report, *row, "test_accuracy"),

@@ -99,3 +99,15 @@ def decide(candidate: dict, champion: dict | None, policy) -> Decision:
     if too_costly:
         return Decision(False, f"not promoted: {summary}, but {too_costly}", numbers)
     return Decision(True, f"promoted: {summary}", numbers)
+
+
+def slower_than_parent(pruning: dict, latency_batch: int) -> str | None:
+    """Why the served model must not be registered: it measured slower than the distilled student it came from on
+    the serving runtime (the evaluate report's `served_speedup_*`), else None."""
+    for suffix, label in (("b1", "batch 1"), ("batch", f"batch {latency_batch}")):
+        speedup = pruning.get(f"served_speedup_{suffix}")
+        if speedup is not None and speedup < 1.0:
+            return (f"not registered: the served model is slower than the distilled student on ONNX Runtime at "
+                    f"{label} ({speedup:.2f}x its speed); prune to another target or shape "
+                    f"(registry.require_faster: false registers it anyway)")
+    return None

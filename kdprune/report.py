@@ -49,6 +49,11 @@ def pruning_summary(distilled: torch.nn.Module, pruned: torch.nn.Module, rows: d
         out[f"achieved_latency_reduction_{suffix}"] = round(1 - q[key] / d[key], 4)
         out[f"speedup_{suffix}"] = round(speedup, 3)
         out[f"speedup_efficiency_{suffix}"] = round(speedup / macs_ratio, 3)
+    if "ort_latency_ms_b1" in d:  # where it is served: the distilled student's ONNX vs the served file, ONNX Runtime
+        for suffix in ("b1", "batch"):
+            speedup = d[f"ort_latency_ms_{suffix}"] / q[f"ort_latency_ms_{suffix}"]
+            out[f"served_speedup_{suffix}"] = round(speedup, 3)
+            out[f"served_speedup_efficiency_{suffix}"] = round(speedup / macs_ratio, 3)
     after = layer_channels(pruned)
     out["channels"] = {name: [n, after[name]] for name, n in layer_channels(distilled).items()}
     return out
@@ -82,7 +87,8 @@ def format_table(report: dict) -> str:
                       f"(test split); balanced test accuracy {pruned['balanced_test_accuracy']:.2%}."]
     if "latency_threads" in first:
         lines += ["", f"CPU ms: wall time; CPU-time ms: the process's CPU time (with one thread on a shared CPU, the "
-                      f"better estimate of an idle core). Both: {first['latency_statistic']} of interleaved repeats "
+                      f"better estimate of an idle core; the ONNX Runtime columns and the model.latency_* metrics are on the "
+                      f"pruning summary's clock). All: {first['latency_statistic']} of interleaved repeats "
                       f"across the models, {first['latency_threads']} thread(s), after warm-up."]
     gain = report.get("kd_gain")
     if gain:
@@ -104,6 +110,10 @@ def format_table(report: dict) -> str:
                   f"| speed-up (batch {batch} / batch 1) | | {pruning['speedup_batch']:.2f}x / {pruning['speedup_b1']:.2f}x |",
                   f"| speed-up efficiency = speed-up / MACs ratio ({pruning['macs_ratio']:.2f}x) | | "
                   f"{pruning['speedup_efficiency_batch']:.2f} / {pruning['speedup_efficiency_b1']:.2f} |",
+                  *([f"| where served (ONNX Runtime CPU, served file vs distilled ONNX): speed-up (batch {batch} / "
+                     f"batch 1) | | {pruning['served_speedup_batch']:.2f}x / {pruning['served_speedup_b1']:.2f}x |",
+                     f"| where served: speed-up efficiency | | {pruning['served_speedup_efficiency_batch']:.2f} / "
+                     f"{pruning['served_speedup_efficiency_b1']:.2f} |"] if "served_speedup_b1" in pruning else []),
                   "", "| layer | channels before | after |", "|---|---:|---:|"]
         lines += [f"| {name} | {a} | {b} |" for name, (a, b) in pruning["channels"].items()]
     return "\n".join(lines) + "\n"

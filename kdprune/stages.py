@@ -11,6 +11,7 @@ import copy
 import csv
 import io
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -269,6 +270,17 @@ def _onnx_model(paths: Paths, threads: int | None) -> torch.nn.Module:
     return OrtModel(paths.onnx, threads=threads)
 
 
+def _parent_onnx(model: torch.nn.Module, prepared: dict, folder: Path, threads: int | None) -> torch.nn.Module:
+    """`model` as it would be served (normalising, ONNX, ONNX Runtime CPU): the baseline the served file must beat."""
+    from kdprune.export import OrtModel, export_onnx
+    from kdprune.serving import with_normalization
+
+    path = folder / "parent.onnx"
+    export_onnx(with_normalization(model.cpu(), prepared["mean"].tolist(), prepared["std"].tolist()),
+                tuple(prepared["train_x"].shape[1:]), path)
+    return OrtModel(path, threads=threads)
+
+
 def _per_class_report(model: torch.nn.Module, split: Split, tta: bool, classes: list[str], paths: Paths,
                       tracker) -> dict:
     """Per-class test accuracy and the confusion matrix of the pruned (registered) model: JSON, Markdown, PNG."""
@@ -313,20 +325,26 @@ def evaluate(params: Params, paths: Paths, tracker=NullTracker(), device: torch.
     # all four models and the pruned one's ONNX export measured side by side (interleaved), so their latencies compare
     e = params.evaluate
     export_check = read_json(paths.stage_metrics("export")) if paths.onnx.is_file() else {}
-    timed = {**models, "pruned_onnx": _onnx_model(paths, e.latency_threads)}
+    served = _onnx_model(paths, e.latency_threads)
+    clock = "cpu_time_ms" if pruner_clock(torch.device("cpu"), e.latency_threads) == "cpu_ms" else "cpu_latency_ms"
     rows["pruned"].update(onnx_max_abs_diff=export_check.get("max_abs_diff"),
                           onnx_top1_agreement=export_check.get("top1_agreement"))
-    for suffix, batch in (("b1", 1), ("batch", e.latency_batch)):
-        measured = compare_latency(timed, input_shape, batch, e.latency_repeats, threads=e.latency_threads)
-        for name in models:
-            rows[name][f"cpu_latency_ms_{suffix}"] = round(measured["ms"][name], 3)  # wall
-            rows[name][f"cpu_time_ms_{suffix}"] = round(measured["cpu_ms"][name], 3)  # process CPU time
-        rows["pruned"][f"ort_latency_ms_{suffix}"] = round(measured["ms"]["pruned_onnx"], 3)
-    clock = "cpu_time_ms" if pruner_clock(torch.device("cpu"), e.latency_threads) == "cpu_ms" else "cpu_latency_ms"
+    with tempfile.TemporaryDirectory() as tmp:
+        # the parent on the serving runtime: the distilled student exported the same way, timed beside the served file
+        distilled_onnx = _parent_onnx(models["distilled"], prepared, Path(tmp), e.latency_threads)
+        timed = {**models, "pruned_onnx": served, "distilled_onnx": distilled_onnx}
+        for suffix, batch in (("b1", 1), ("batch", e.latency_batch)):
+            measured = compare_latency(timed, input_shape, batch, e.latency_repeats, threads=e.latency_threads)
+            for name in models:
+                rows[name][f"cpu_latency_ms_{suffix}"] = round(measured["ms"][name], 3)  # wall
+                rows[name][f"cpu_time_ms_{suffix}"] = round(measured["cpu_ms"][name], 3)  # process CPU time
+            ort_clock = measured["cpu_ms" if clock == "cpu_time_ms" else "ms"]
+            for name in ("pruned", "distilled"):
+                rows[name][f"ort_latency_ms_{suffix}"] = round(ort_clock[f"{name}_onnx"], 3)
     for row in rows.values():
         row.update(latency_batch=e.latency_batch, latency_threads=measured["threads"], latency_statistic=measured["statistic"])
     report = {"dataset": data_mod.describe(prepared), "models": rows,
-              "model_metrics": _model_metrics(rows, paths, prepared, timed["pruned_onnx"]),
+              "model_metrics": _model_metrics(rows, paths, prepared, served, clock),
               "pruning": pruning_summary(models["distilled"], models["pruned"], rows, params.prune, clock),
               "kd_gain": kd_gain(test_correct["distilled"], test_correct["student"], params.distill.method)}
     # the model metrics repeat the rows under MLflow's names: in the summary (resume keeps it), not in DVC's metrics
@@ -340,17 +358,17 @@ def evaluate(params: Params, paths: Paths, tracker=NullTracker(), device: torch.
     return report
 
 
-def _model_metrics(rows: dict, paths: Paths, prepared: dict, served: torch.nn.Module) -> dict[str, dict]:
+def _model_metrics(rows: dict, paths: Paths, prepared: dict, served: torch.nn.Module, clock: str) -> dict[str, dict]:
     """MODEL_METRICS of each model: the same names for all, so MLflow's Compare view lines them up. Latency is on
-    each model's runtime: torch on the CPU, ONNX Runtime for the served file (whose accuracy is measured on it, with
-    `served`, the session evaluate timed)."""
+    each model's runtime, on one clock (`clock`, the report's): torch on the CPU, ONNX Runtime for the served file
+    (whose accuracy is measured on it, with `served`, the session evaluate timed)."""
     from kdprune.serving import served_logits
 
     accuracy = {s: round(float((served_logits(served, prepared[f"{s}_x"]).argmax(1) == prepared[f"{s}_y"])
                                .float().mean()), 4) for s in ("test", "val")}
     pruned = rows["pruned"]
     numbers = {name: (row["test_accuracy"], row["val_accuracy"], row["macs"], row["params"], row["size_kb"],
-                      row["cpu_latency_ms_b1"], row["cpu_latency_ms_batch"], row["latency_batch"])
+                      row[f"{clock}_b1"], row[f"{clock}_batch"], row["latency_batch"])
                for name, row in rows.items()}
     numbers["served"] = (accuracy["test"], accuracy["val"], pruned["macs"], pruned["params"],
                          round(paths.onnx.stat().st_size / 1024, 1), pruned["ort_latency_ms_b1"],

@@ -174,3 +174,11 @@ def test_dvc_context_and_invocation_key():
     assert lineage.dvc_context(env) == {"kdprune.dvc_stage": "teacher", "kdprune.dvc_exp": "bushy-pint",
                                         "kdprune.dvc_exp_baseline": "abc123"}
     assert lineage.dvc_invocation(env) == "exp:abc123:bushy-pint"
+
+
+# ------------------------------------------------------------------- a served model slower than its parent
+def test_the_slower_of_the_two_batches_names_itself():
+    assert registry.slower_than_parent({"served_speedup_b1": 1.4, "served_speedup_batch": 2.1}, 256) is None
+    why = registry.slower_than_parent({"served_speedup_b1": 1.2, "served_speedup_batch": 0.84}, 256)
+    assert why.startswith("not registered") and "batch 256 (0.84x" in why
+    assert "batch 1 (0.90x" in registry.slower_than_parent({"served_speedup_b1": 0.9, "served_speedup_batch": 3}, 8)
