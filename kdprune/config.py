@@ -180,8 +180,11 @@ class RegisterParams(Strict):
     max_macs_ratio: float = Field(default=1.1, gt=0)
     max_latency_ratio: float | None = Field(default=None, gt=0)
     # Never register a served model that is slower than the distilled student it was pruned from, on the serving
-    # runtime (ONNX Runtime CPU, the evaluate stage's interleaved timing), at batch 1 or the latency batch.
+    # runtime (ONNX Runtime CPU, the evaluate stage's interleaved timing), at batch 1 or the latency batch, by more
+    # than `speed_tolerance` (a fraction: at batch 1 a tiny model's call is ~25 us of fixed overhead, where two
+    # equally fast models measure up to ~10% apart).
     require_faster: bool = True
+    speed_tolerance: float = Field(default=0.1, ge=0, lt=1)
 
 
 class ServeParams(Strict):

@@ -3,7 +3,8 @@
 This module is the project's one latency estimator (the stages, the pruner's latency target and bench/ use it).
 Models that are compared are measured side by side: a fixed number of intra-op threads (recorded), a warm-up,
 then repeats that take turns across the models (a different model first each round), so a burst of load from other
-jobs on a shared machine slows all of them alike. The statistic is the median of the repeats.
+jobs on a shared machine slows all of them alike; each timed call follows an untimed call of the same model, so no
+model pays for the caches its predecessor left. The statistic is the median of the repeats.
 
 Two clocks: wall time (what a user waits) and the process's CPU time. With one thread on a CPU shared with other
 jobs, CPU time is the better estimate of the wall time on an idle core: it does not count the time the scheduler
@@ -66,6 +67,10 @@ def compare_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], 
                 prepared[name](x)
         for r in range(repeats):
             for name in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
+                # an untimed call first: right after another model, the caches hold that model's weights and code
+                # (measured: an ONNX Runtime model timed right after a torch one took 2x its back-to-back time),
+                # and a served model answers calls back to back
+                prepared[name](x)
                 sync()
                 start, cpu_start = time.perf_counter(), time.process_time()
                 prepared[name](x)

@@ -61,7 +61,8 @@ def register(params: Params, paths: Paths, tracker=NullTracker()) -> dict:
                            f"not registered")
     correct = (logits.argmax(1) == val_y).tolist()
     slower = (registry.slower_than_parent(report.get("pruning") or {},
-                                            json_field(where, report, "models", "pruned", "latency_batch", kind=int))
+                                            json_field(where, report, "models", "pruned", "latency_batch", kind=int),
+                                            params.registry.speed_tolerance)
               if params.registry.require_faster else None)
     if slower:  # a compressed model that is slower where it is served is never registered
         result = {"model_name": params.registry.model_name, "version": None, "alias": params.registry.alias,

@@ -101,13 +101,13 @@ def decide(candidate: dict, champion: dict | None, policy) -> Decision:
     return Decision(True, f"promoted: {summary}", numbers)
 
 
-def slower_than_parent(pruning: dict, latency_batch: int) -> str | None:
+def slower_than_parent(pruning: dict, latency_batch: int, tolerance: float = 0.0) -> str | None:
     """Why the served model must not be registered: it measured slower than the distilled student it came from on
-    the serving runtime (the evaluate report's `served_speedup_*`), else None."""
+    the serving runtime (the evaluate report's `served_speedup_*`) by more than `tolerance`, else None."""
     for suffix, label in (("b1", "batch 1"), ("batch", f"batch {latency_batch}")):
         speedup = pruning.get(f"served_speedup_{suffix}")
-        if speedup is not None and speedup < 1.0:
+        if speedup is not None and speedup < 1.0 - tolerance:
             return (f"not registered: the served model is slower than the distilled student on ONNX Runtime at "
-                    f"{label} ({speedup:.2f}x its speed); prune to another target or shape "
-                    f"(registry.require_faster: false registers it anyway)")
+                    f"{label} ({speedup:.2f}x its speed; registry.speed_tolerance allows {1 - tolerance:.2f}x); "
+                    f"prune to another target or shape (registry.require_faster: false registers it anyway)")
     return None

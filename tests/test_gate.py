@@ -182,3 +182,5 @@ def test_the_slower_of_the_two_batches_names_itself():
     why = registry.slower_than_parent({"served_speedup_b1": 1.2, "served_speedup_batch": 0.84}, 256)
     assert why.startswith("not registered") and "batch 256 (0.84x" in why
     assert "batch 1 (0.90x" in registry.slower_than_parent({"served_speedup_b1": 0.9, "served_speedup_batch": 3}, 8)
+    assert registry.slower_than_parent({"served_speedup_b1": 0.95, "served_speedup_batch": 3}, 8, 0.1) is None
+    assert "allows 0.90x" in registry.slower_than_parent({"served_speedup_b1": 0.85, "served_speedup_batch": 3}, 8, 0.1)
