@@ -87,8 +87,9 @@ def format_table(report: dict) -> str:
                       f"(test split); balanced test accuracy {pruned['balanced_test_accuracy']:.2%}."]
     if "latency_threads" in first:
         lines += ["", f"CPU ms: wall time; CPU-time ms: the process's CPU time (with one thread on a shared CPU, the "
-                      f"better estimate of an idle core; the ONNX Runtime columns and the model.latency_* metrics are on the "
-                      f"pruning summary's clock). All: {first['latency_statistic']} of interleaved repeats "
+                      f"better estimate of an idle core). ONNX Runtime ms: the served file and the distilled student's ONNX, "
+                      f"timed side by side on the pruning summary's clock. All: {first['latency_statistic']} of "
+                      f"interleaved repeats "
                       f"across the models, {first['latency_threads']} thread(s), after warm-up."]
     gain = report.get("kd_gain")
     if gain:

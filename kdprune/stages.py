@@ -325,22 +325,25 @@ def evaluate(params: Params, paths: Paths, tracker=NullTracker(), device: torch.
     # all four models and the pruned one's ONNX export measured side by side (interleaved), so their latencies compare
     e = params.evaluate
     export_check = read_json(paths.stage_metrics("export")) if paths.onnx.is_file() else {}
-    served = _onnx_model(paths, e.latency_threads)
     clock = "cpu_time_ms" if pruner_clock(torch.device("cpu"), e.latency_threads) == "cpu_ms" else "cpu_latency_ms"
     rows["pruned"].update(onnx_max_abs_diff=export_check.get("max_abs_diff"),
                           onnx_top1_agreement=export_check.get("top1_agreement"))
+    for suffix, batch in (("b1", 1), ("batch", e.latency_batch)):  # the torch models, side by side
+        measured = compare_latency(models, input_shape, batch, e.latency_repeats, threads=e.latency_threads)
+        for name in models:
+            rows[name][f"cpu_latency_ms_{suffix}"] = round(measured["ms"][name], 3)  # wall
+            rows[name][f"cpu_time_ms_{suffix}"] = round(measured["cpu_ms"][name], 3)  # process CPU time
     with tempfile.TemporaryDirectory() as tmp:
-        # the parent on the serving runtime: the distilled student exported the same way, timed beside the served file
+        # Where it is served: the served file beside its parent, the distilled student exported the same way, both
+        # on ONNX Runtime. Timed apart from the torch models, in sessions opened together just before: a session
+        # opened before the torch work measured 1.5x slower at batch 1 than one opened after it.
         distilled_onnx = _parent_onnx(models["distilled"], prepared, Path(tmp), e.latency_threads)
-        timed = {**models, "pruned_onnx": served, "distilled_onnx": distilled_onnx}
+        served = _onnx_model(paths, e.latency_threads)
         for suffix, batch in (("b1", 1), ("batch", e.latency_batch)):
-            measured = compare_latency(timed, input_shape, batch, e.latency_repeats, threads=e.latency_threads)
-            for name in models:
-                rows[name][f"cpu_latency_ms_{suffix}"] = round(measured["ms"][name], 3)  # wall
-                rows[name][f"cpu_time_ms_{suffix}"] = round(measured["cpu_ms"][name], 3)  # process CPU time
-            ort_clock = measured["cpu_ms" if clock == "cpu_time_ms" else "ms"]
-            for name in ("pruned", "distilled"):
-                rows[name][f"ort_latency_ms_{suffix}"] = round(ort_clock[f"{name}_onnx"], 3)
+            measured = compare_latency({"pruned": served, "distilled": distilled_onnx}, input_shape, batch,
+                                       e.latency_repeats, threads=e.latency_threads)
+            for name, ms in measured["cpu_ms" if clock == "cpu_time_ms" else "ms"].items():
+                rows[name][f"ort_latency_ms_{suffix}"] = round(ms, 3)
     for row in rows.values():
         row.update(latency_batch=e.latency_batch, latency_threads=measured["threads"], latency_statistic=measured["statistic"])
     report = {"dataset": data_mod.describe(prepared), "models": rows,
