@@ -6,6 +6,7 @@ Runs nest: the pipeline's parent run holds one child run per stage (and per sear
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -101,6 +102,18 @@ class NullTracker:
         return False
 
 
+def _busy(record: logging.LogRecord) -> bool:
+    return "database is locked" not in record.getMessage()
+
+
+def _quiet_busy_store() -> None:
+    """MLflow prints a traceback for each SQLite "database is locked" it re-raises; `_logged` waits and says so in
+    one line instead (idempotent: one filter however many trackers)."""
+    store_log = logging.getLogger("mlflow.store.db.utils")
+    if _busy not in store_log.filters:
+        store_log.addFilter(_busy)
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return (text.splitlines()[0] if text else type(error).__name__)[:200]
@@ -165,6 +178,7 @@ class MlflowTracker:
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        _quiet_busy_store()
         self._mlflow = mlflow
         self.run_name = None
         mlflow.set_tracking_uri(self.tracking_uri)
@@ -224,7 +238,7 @@ class MlflowTracker:
         in all, then counted as failed: the run goes on and says at the end what was not logged."""
         lost = _LOST.get(self.tracking_uri)
         if lost is None and (self.run_id is not None or what.endswith("run")):
-            deadline = time.monotonic() + self.busy_wait_s
+            deadline, waiting = time.monotonic() + self.busy_wait_s, False
             while True:
                 try:
                     with deferred_signals():  # a write cut short by a signal would leave SQLite locked
@@ -232,6 +246,10 @@ class MlflowTracker:
                 except Exception as error:  # noqa: BLE001 - MLflow and its HTTP/SQL layers raise many types
                     busy = "database is locked" in str(error)
                     if busy and time.monotonic() < deadline:
+                        if not waiting:
+                            waiting = True
+                            print(f"tracking store {self.tracking_uri} is busy (another process holds its write "
+                                  f"lock): waiting up to {self.busy_wait_s:.0f} s", file=sys.stderr, flush=True)
                         time.sleep(1.0)
                         continue
                     if not busy and not self.store_failed(error):

@@ -282,7 +282,7 @@ def _hold_store(path: Path, seconds: float) -> subprocess.Popen:
     return holder
 
 
-def test_a_busy_sqlite_store_is_waited_for_then_given_up_in_one_line(tmp_path, monkeypatch):
+def test_a_busy_sqlite_store_is_waited_for_then_given_up_in_one_line(tmp_path, monkeypatch, capfd):
     """Another process holds mlflow.db's write lock longer than SQLite's own busy timeout (20 s in MLflow): logging
     waits (bounded) and lands when it is free; held past the bound, the store counts as failed: nothing raised,
     the run goes on, and one line says what was not logged."""
@@ -306,6 +306,9 @@ def test_a_busy_sqlite_store_is_waited_for_then_given_up_in_one_line(tmp_path, m
     assert [m.value for m in history] == [0.5]
     line = tracker.not_logged()
     assert "database is locked" in line and "teacher metrics" in line and "\n" not in line
+    err = capfd.readouterr().err  # a line for the wait (the second call gave up at once), none of MLflow's tracebacks
+    assert err.count("is busy (another process holds its write lock): waiting up to 120 s") == 1, err
+    assert "Traceback" not in err and "SQLAlchemy database error" not in err, err
 
 
 def test_a_store_failing_in_the_orphan_cleanup_or_inside_register_is_one_line(project, tiny_params, monkeypatch):
