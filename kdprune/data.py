@@ -222,18 +222,37 @@ def _to_uint8(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB")).transpose(2, 0, 1)
 
 
-def decode_image(data: bytes, where: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "I", "F")  # what Pillow's Image.reduce takes
+
+
+def _shrink_while_decoding(image: Image.Image, size: int) -> Image.Image:
+    """An image far larger than `size`, shrunk in Pillow before it becomes an array: a JPEG is decoded at a reduced
+    scale (`draft`), then any image is box-averaged by an integer factor (`reduce`, on its 8-bit pixels), keeping
+    at least twice `size` on its short side so the antialiased resize after it still does the filtering. The full
+    image is then only ever held once, as Pillow decoded it (about 4 bytes per pixel), never as float tensors."""
+    width, height = image.size
+    if image.format == "JPEG" and min(width, height) >= 4 * size:
+        image.draft(image.mode, (width * 2 * size // min(width, height), height * 2 * size // min(width, height)))
+    factor = min(image.size) // (2 * size)
+    if factor >= 2 and image.mode in REDUCIBLE_MODES:
+        image = image.reduce(factor)
+    return image
+
+
+def decode_image(data: bytes, where: str, max_pixels: int = DEFAULT_MAX_PIXELS, size: int | None = None) -> torch.Tensor:
     """The bytes of one image file -> uint8 C x H x W (C = 1 or 3); any failure is one error line naming `where`.
 
     The one decoding path of the project (Pillow with explicit conversions); EXIF orientation is applied. The size
-    is checked against `max_pixels` (data.max_pixels) from the header, before any pixel is decoded."""
+    is checked against `max_pixels` (data.max_pixels) from the header, before any pixel is decoded. With `size`
+    (the side it will be resized to), an image much larger is shrunk while decoding (`_shrink_while_decoding`)."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
             if width * height > max_pixels:
                 raise KdpruneError(f"{where}: {width}x{height} = {width * height:,} pixels, over data.max_pixels "
                                    f"({max_pixels:,}); shrink the image or raise data.max_pixels")
-            array = _to_uint8(ImageOps.exif_transpose(image))
+            shrunk = _shrink_while_decoding(image, size) if size is not None else image
+            array = _to_uint8(ImageOps.exif_transpose(shrunk))
     except KdpruneError:
         raise
     except Exception as error:  # noqa: BLE001 - Pillow raises several types for corrupt or unsupported files
@@ -250,7 +269,8 @@ def _decode(where: str, read, size: int | None = None, max_pixels: int = DEFAULT
         data = read()
     except OSError as error:
         raise KdpruneError(f"{where}: cannot read ({error.strerror or error})") from None
-    image = decode_image(data, where, max_pixels)
+    image = decode_image(data, where, max_pixels, size)
+    del data  # the file's bytes, before the resize allocates
     if size is not None and tuple(image.shape[-2:]) != (size, size):
         image = TF.resize(image, [size, size], antialias=True)  # as _to_batch would: the same op, done earlier
     return image
@@ -265,7 +285,7 @@ def read_image(path: str | Path, channels: int, size: int) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise KdpruneError(f"{path}: image file not found")
-    image = _decode(str(path), path.read_bytes)
+    image = _decode(str(path), path.read_bytes, size)  # shrunk while decoding exactly as `prepare` does
     if image.shape[0] != channels:
         image = image.expand(channels, -1, -1) if image.shape[0] == 1 else TF.rgb_to_grayscale(image, channels)
     if tuple(image.shape[-2:]) != (size, size):
