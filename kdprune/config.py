@@ -164,6 +164,11 @@ class EvaluateParams(Strict):
 class ExportParams(Strict):
     # The export stage fails when an ONNX logit differs from torch's by more than this (on the test split).
     tolerance: float = Field(default=1e-3, gt=0)
+    # int8: also quantize statically (kdprune/quantize.py) and serve the INT8 file where it is not significantly
+    # worse on the validation images (exact McNemar p <= max_p_value) and faster at batch 1 and the latency batch.
+    quantize: Literal["none", "int8"] = "int8"
+    calibration_images: int = Field(default=512, ge=1)  # seeded sample of training images
+    max_p_value: float = Field(default=0.05, gt=0, le=1)
 
 
 class RegisterParams(Strict):

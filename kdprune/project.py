@@ -75,6 +75,12 @@ class Paths:
 
     @property
     def onnx(self) -> Path:
+        """The served file: what is registered, served, predicted with and timed in the report."""
+        return self.root / "models" / "served.onnx"
+
+    @property
+    def float_onnx(self) -> Path:
+        """The pruned model exported in float, checked against torch: the served file, or what INT8 came from."""
         return self.root / "models" / "pruned.onnx"
 
     @property

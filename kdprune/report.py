@@ -81,6 +81,10 @@ def format_table(report: dict) -> str:
                      + (f" {r['cpu_time_ms_b1']:.3f} | {r['cpu_time_ms_batch']:.2f} |" if "cpu_time_ms_b1" in r else "")
                      + f" {ort} |")
     pruned = rows.get("pruned", {})
+    served = report.get("served")
+    if served:
+        lines += ["", f"Served file {served['file']} ({served['format']}, the ONNX Runtime rows of pruned): "
+                      f"{served['reason']}."]
     if pruned.get("onnx_max_abs_diff") is not None:
         lines += ["", f"ONNX export of pruned (models/pruned.onnx): max |logit difference| vs torch "
                       f"{pruned['onnx_max_abs_diff']:.2g}, top-1 agreement {pruned['onnx_top1_agreement']:.2%} "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import shutil
 import sys
 import tempfile
 import time
@@ -247,16 +248,37 @@ def _sensitivity(ranked, example, cost, p, round_to, global_ranking, unit, kd, v
 
 
 def export(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:
-    """The pruned model, as registered and served, to ONNX; written only if its logits match torch's on the test
-    split."""
+    """The pruned model, as registered and served, to ONNX (written only if its logits match torch's on the test
+    split), then with `export.quantize: int8` its static INT8 version, served where it is not worse and is faster
+    (kdprune/quantize.py). Writes models/pruned.onnx (float) and models/served.onnx (the one served)."""
     from kdprune.export import export_checked
+    from kdprune.io import atomic_path
+    from kdprune.quantize import calibration_sample, choose_served, quantize_int8
 
     served, payload = served_pruned(params, paths)  # what is registered: with the evaluation's TTA when on
-    test_x = data_mod.load_prepared(paths.prepared)["test_x"]
-    summary = export_checked(served, tuple(payload["input_shape"]), test_x, paths.onnx, params.export.tolerance)
+    prepared = data_mod.load_prepared(paths.prepared)
+    input_shape = tuple(payload["input_shape"])
+    x = params.export
+    summary = export_checked(served, input_shape, prepared["test_x"], paths.float_onnx, x.tolerance)
+    summary.update(quantize=x.quantize, served="fp32", reason="float served: export.quantize is none")
+    with tempfile.TemporaryDirectory() as tmp:
+        chosen = paths.float_onnx
+        if x.quantize == "int8":
+            int8 = Path(tmp) / "int8.onnx"
+            quantize_int8(paths.float_onnx, int8, calibration_sample(prepared["train_x"], x.calibration_images,
+                                                                     params.seed))
+            e = params.evaluate
+            summary.update(choose_served(paths.float_onnx, int8, prepared["val_x"], prepared["val_y"], input_shape,
+                                         x.max_p_value, e.latency_batch, e.latency_repeats, e.latency_threads))
+            chosen = int8 if summary["served"] == "int8" else chosen
+        with atomic_path(paths.onnx) as out:
+            shutil.copyfile(chosen, out)
+    print(f"export: {summary['reason']}", file=sys.stderr)
     write_json(paths.stage_metrics("export"), summary)
-    tracker.log_params({"export": {"opset": summary["opset"], "tolerance": summary["tolerance"]}})
+    tracker.log_params({"export": {"opset": summary["opset"], **x.model_dump()}})
     tracker.log_metrics({f"onnx_{k}": v for k, v in summary.items() if k in ("max_abs_diff", "top1_agreement")})
+    tracker.log_metrics({k: v for k, v in summary.items() if k.startswith("int8_")})
+    tracker.set_tags({"served": summary["served"], "served_reason": summary["reason"]})
     tracker.log_artifact(paths.onnx)
     return summary
 
@@ -349,7 +371,9 @@ def evaluate(params: Params, paths: Paths, tracker=NullTracker(), device: torch.
     report = {"dataset": data_mod.describe(prepared), "models": rows,
               "model_metrics": _model_metrics(rows, paths, prepared, served, clock),
               "pruning": pruning_summary(models["distilled"], models["pruned"], rows, params.prune, clock),
-              "kd_gain": kd_gain(test_correct["distilled"], test_correct["student"], params.distill.method)}
+              "kd_gain": kd_gain(test_correct["distilled"], test_correct["student"], params.distill.method),
+              "served": {"file": str(paths.onnx.relative_to(paths.root)), "format": export_check.get("served", "fp32"),
+                         "reason": export_check.get("reason", "")}}
     # the model metrics repeat the rows under MLflow's names: in the summary (resume keeps it), not in DVC's metrics
     write_json(paths.report_json, {k: v for k, v in report.items() if k != "model_metrics"})
     table = format_table(report)

@@ -100,7 +100,7 @@ def test_dvc_pipeline(dvc_repo):
     outs = cached_outs(repo)
     assert {p.relative_to(repo).as_posix() for p in outs} >= {
         "data/prepared.pt", "models/teacher.pt", "models/student.pt", "models/distilled.pt", "models/pruned.pt",
-        "models/pruned.onnx"}
+        "models/pruned.onnx", "models/served.onnx"}
     assert all(p.is_file() for p in outs)
     assert (repo / "reports" / "metrics.json").is_file() and (repo / "reports" / "registration.json").is_file()
     assert (repo / "dvc.lock").is_file()

@@ -96,7 +96,7 @@ def test_pipeline_flow_end_to_end(prefect_harness, workdir):
     evaluate_artifacts = [a.path for a in client.list_artifacts(by_name["evaluate"].info.run_id)]
     assert {"confusion.png", "per_class.json", "per_class.md"} <= set(evaluate_artifacts)
     assert "pruned.class_accuracy.0" in by_name["evaluate"].data.metrics
-    assert "pruned.onnx" in [a.path for a in client.list_artifacts(by_name["export"].info.run_id)]
+    assert "served.onnx" in [a.path for a in client.list_artifacts(by_name["export"].info.run_id)]
 
     # the registry holds a version with the champion alias, registered from the register stage's run
     name = tiny_params_dict()["registry"]["model_name"]

@@ -342,5 +342,5 @@ def test_a_store_failing_in_the_orphan_cleanup_or_inside_register_is_one_line(pr
         run_stage("register", tiny_params, Paths(project), MlflowTracker(uri), CPU)
     line = str(info.value)
     assert line.startswith("register: the tracking store failed (") and "\n" not in line
-    assert "models/pruned.onnx is saved" in line
+    assert "models/served.onnx is saved" in line
     assert [m.name for m in MlflowTracker(uri).client.search_registered_models()] == []  # the lock was released
