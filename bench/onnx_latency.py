@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: the pruned model in torch vs its ONNX export in ONNX Runtime, on the CPU, measured interleaved.
 
-Run inside a project after `kdprune run` (or `dvc repro`): it reads models/pruned.pt and models/pruned.onnx and
+Run inside a project after `kdprune run` (or `dvc repro`): it reads models/pruned.pt and models/served.onnx and
 times the registered form of the model (kdprune.serving, as exported) against the ONNX file on the same random
 input, one intra-op thread each (--threads), turn about in every repeat (so load from other jobs on a shared
 machine slows both alike), after a warm-up. Prints the median and the fastest pass per batch size.
