@@ -6,6 +6,7 @@ code runs on the GPU (fast) and the CPU (slow, identical semantics).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -51,3 +52,25 @@ def augment(x: torch.Tensor, params: AugmentParams, generator: torch.Generator) 
         x = flip(x, generator)
     x = translate(x, params.translate, generator)
     return cutout(x, params.cutout, generator)
+
+
+def mix(x: torch.Tensor, mode: str, alpha: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mix each image with another of the batch: `mixup` (Zhang et al., ICLR 2018) blends the two, x' = lam * x +
+    (1 - lam) * x[perm]; `cutmix` (Yun et al., ICCV 2019) pastes a box of the other image covering 1 - lam of the
+    area. lam ~ Beta(alpha, alpha), one per batch, drawn from `generator` (through a seed it yields, as torch's
+    Beta sampler takes no generator). Returns (mixed, perm, lam), lam being the share of `x` (for cutmix: the exact
+    share of pixels kept after the box is clipped to the image)."""
+    seed = int(torch.randint(0, 2**62, (1,), device=x.device, generator=generator))
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    perm = torch.randperm(x.shape[0], device=x.device, generator=generator)
+    if mode == "mixup":
+        return lam * x + (1 - lam) * x[perm], perm, lam
+    n, _, h, w = x.shape
+    cut_h, cut_w = int(round(h * (1 - lam) ** 0.5)), int(round(w * (1 - lam) ** 0.5))
+    cy = int(torch.randint(0, h, (1,), device=x.device, generator=generator))
+    cx = int(torch.randint(0, w, (1,), device=x.device, generator=generator))
+    top, bottom = max(cy - cut_h // 2, 0), min(cy - cut_h // 2 + cut_h, h)
+    left, right = max(cx - cut_w // 2, 0), min(cx - cut_w // 2 + cut_w, w)
+    mixed = x.clone()
+    mixed[:, :, top:bottom, left:right] = x[perm][:, :, top:bottom, left:right]
+    return mixed, perm, 1.0 - (bottom - top) * (right - left) / (h * w)

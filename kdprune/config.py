@@ -119,6 +119,11 @@ class DistillParams(Strict):
     alpha: float = Field(default=0.9, ge=0, le=1)  # hinton, fitnets: weight of the KD term; 1 - alpha weighs the labels
     dkd: DKDParams = DKDParams()  # method dkd only
     hint: HintParams = HintParams()  # method fitnets only
+    # Consistent teaching (Beyer et al., CVPR 2022, "Knowledge distillation: A good teacher is patient and
+    # consistent"): teacher and student see the same mixed view of each batch, so the student matches the teacher's
+    # function between images too. none | mixup | cutmix; lam ~ Beta(mix_alpha, mix_alpha). Any method.
+    mix: Literal["none", "mixup", "cutmix"] = "none"
+    mix_alpha: float = Field(default=1.0, gt=0)
 
 
 class SparsityParams(Strict):

@@ -70,16 +70,28 @@ class Distiller:
             return self.teacher(x)
 
     def loss(self, student_logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, step: int,
-             label_smoothing: float = 0.0) -> torch.Tensor:
-        """The distillation loss of one batch; `student_logits` came from the student's forward pass on `x`."""
+             label_smoothing: float = 0.0, mixed: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+        """The distillation loss of one batch; `student_logits` came from the student's forward pass on `x`, which
+        the teacher sees too. `mixed` = (perm, lam) when `x` mixes each image with image `perm` (share lam of the
+        first): the label terms then weigh both labels, lam * CE(y) + (1 - lam) * CE(y[perm]), and DKD's target
+        class is the larger share's."""
         p = self.params
         teacher_logits = self.teacher_logits(x)
+
+        def ce() -> torch.Tensor:
+            if mixed is None:
+                return F.cross_entropy(student_logits.float(), y, label_smoothing=label_smoothing)
+            perm, lam = mixed
+            return (lam * F.cross_entropy(student_logits.float(), y, label_smoothing=label_smoothing)
+                    + (1 - lam) * F.cross_entropy(student_logits.float(), y[perm], label_smoothing=label_smoothing))
+
         if p.method == "dkd":
             ramp = min(1.0, step / self.warmup_steps) if self.warmup_steps > 0 else 1.0
-            ce = F.cross_entropy(student_logits.float(), y, label_smoothing=label_smoothing)
+            target = y if mixed is None or mixed[1] >= 0.5 else y[mixed[0]]
             t = p.dkd.temperature or p.temperature
-            return ce + ramp * dkd_loss(student_logits, teacher_logits, y, t, p.dkd.alpha, p.dkd.beta)
-        loss = hinton_kd_loss(student_logits, teacher_logits, y, p.temperature, p.alpha, label_smoothing)
+            return ce() + ramp * dkd_loss(student_logits, teacher_logits, target, t, p.dkd.alpha, p.dkd.beta)
+        # Hinton's loss with alpha = 1 is its KD term alone (T^2 * KL); the label term is added here, mixed or not
+        loss = p.alpha * hinton_kd_loss(student_logits, teacher_logits, y, p.temperature, 1.0) + (1 - p.alpha) * ce()
         if p.method == "fitnets":
             loss = loss + p.hint.weight * hint_loss(*self.matched_features())
         return loss

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdprune import distributed
-from kdprune.augment import augment
+from kdprune.augment import augment, mix
 from kdprune.config import DistillParams, TrainParams
 from kdprune.errors import TrainingDiverged
 from kdprune.distiller import Distiller
@@ -163,13 +163,17 @@ def fit(
             index = order[i * batch_size:(i + 1) * batch_size]
             x = augment(train.inputs(index), params.augment, generator)
             y = train.y[index]
+            mixed = None
+            if distiller is not None and distiller.params.mix != "none":  # the same mixed view for both networks
+                x, perm, lam = mix(x, distiller.params.mix, distiller.params.mix_alpha, generator)
+                mixed = (perm, lam)
             scale = schedule_scale(step, total_steps, warmup_steps, params.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * scale
             with _autocast(device):
                 logits = step_model(x)
                 if distiller is not None:
-                    loss = distiller.loss(logits, x, y, step, params.label_smoothing)
+                    loss = distiller.loss(logits, x, y, step, params.label_smoothing, mixed)
                 else:
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=params.label_smoothing)
             optimizer.zero_grad(set_to_none=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdprune.augment import augment, cutout, flip, translate
+from kdprune.augment import augment, cutout, flip, mix, translate
 from kdprune.config import AugmentParams, DistillParams, TrainParams
 from kdprune.models import build
 from kdprune.train import Split, evaluate, fit
@@ -182,3 +182,28 @@ def test_fit_with_profile_options_learns_a_separable_set():
     student, _ = fit(build({"arch": "airbench", "width": 4, "depth": 1, "dropout": 0.0}, 1, 8, 2), train, val,
                      params, stage="unit-kd", seed=0, teacher=teacher, distill=DistillParams(temperature=2.0, alpha=0.9))
     assert evaluate(student, val, tta=True)["accuracy"] >= 0.85
+
+
+def test_mixup_blends_each_image_with_its_partner():
+    x = images()
+    mixed, perm, lam = mix(x, "mixup", 1.0, torch.Generator().manual_seed(0))
+    assert 0 < lam < 1 and sorted(perm.tolist()) == list(range(len(x)))
+    assert torch.allclose(mixed, lam * x + (1 - lam) * x[perm])
+
+
+def test_cutmix_pastes_a_box_of_the_partner_covering_one_minus_lam():
+    x = images()
+    mixed, perm, lam = mix(x, "cutmix", 1.0, torch.Generator().manual_seed(1))
+    from_partner = (mixed == x[perm]) & (mixed != x)
+    box = from_partner.any(0).any(0)  # h x w: where some image took its partner's pixels
+    assert torch.equal(torch.where(box, x[perm], x), mixed)
+    assert 1 - box.float().mean().item() == pytest.approx(lam)
+
+
+def test_mix_is_seeded_and_alpha_shapes_lam():
+    x = images()
+    a = mix(x, "mixup", 1.0, torch.Generator().manual_seed(3))
+    b = mix(x, "mixup", 1.0, torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0]) and a[2] == b[2]
+    small = [mix(x, "mixup", 0.1, torch.Generator().manual_seed(s))[2] for s in range(40)]
+    assert sum(min(l, 1 - l) < 0.1 for l in small) > 25  # Beta(0.1, 0.1) sits near 0 or 1

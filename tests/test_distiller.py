@@ -79,6 +79,9 @@ def test_each_method_trains_differently_from_hinton(teacher, method):
     ("fitnets", {"hint": HintParams(weight=5.0)}),
     ("fitnets", {"hint": HintParams(stage=0)}),
     ("fitnets", {"alpha": 0.5}),
+    ("hinton", {"mix": "mixup"}),
+    ("hinton", {"mix": "cutmix"}),
+    ("dkd", {"mix": "cutmix"}),
 ])
 def test_each_param_changes_training(teacher, method, changed):
     assert not same_weights(distil(teacher, method, **changed), distil(teacher, method))
@@ -222,3 +225,30 @@ def _width(model: nn.Module, stage: str, example: torch.Tensor) -> int:
         model.eval()(example)
     hook.remove()
     return out["x"].shape[1]
+
+
+def test_mix_alpha_changes_training(teacher):
+    assert not same_weights(distil(teacher, "hinton", mix="mixup", mix_alpha=0.2),
+                            distil(teacher, "hinton", mix="mixup"))
+
+
+@pytest.mark.parametrize("mode", ["mixup", "cutmix"])
+def test_teacher_and_student_see_the_same_mixed_view(teacher, mode):
+    """Consistent teaching: in every step both networks get one tensor, and it is not the plain batch."""
+    seen = {"teacher": [], "student": []}
+    student = net("resnet")
+    hooks = [m.register_forward_pre_hook(lambda _m, args, key=key: seen[key].append(args[0].detach().clone()))
+             for key, m in (("teacher", teacher), ("student", student))]
+    train, val = splits()
+    try:
+        train_mod.fit(student, train, val, TRAIN.model_copy(update={"epochs": 1}), stage="distilled",
+                      teacher=teacher, distill=DistillParams(mix=mode))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    steps = len(train) // TRAIN.batch_size
+    pairs = list(zip(seen["teacher"][:steps], seen["student"][:steps]))  # the steps (validation follows)
+    assert len(pairs) == steps and all(torch.equal(t, s) for t, s in pairs)
+    plain = {tuple(train.inputs(i).flatten().tolist()) for i in range(len(train))}
+    mixed_images = sum(tuple(img.flatten().tolist()) not in plain for img in pairs[0][1])
+    assert mixed_images > TRAIN.batch_size // 2  # most images of a batch are mixtures (a few pair with themselves)
