@@ -65,6 +65,21 @@ SEED_TRAIN = {
     "augment": {"flip": True, "translate": 4, "cutout": 0}, "tta": False, "compile": False,
 }
 KD_METHODS = ("hinton", "dkd", "fitnets")
+MIXES = ("mixup", "cutmix")
+
+
+def kd_variant(name: str) -> str:
+    """A --methods entry: METHOD or METHOD+MIX."""
+    method, _, mix = name.partition("+")
+    if method not in KD_METHODS or (mix and mix not in MIXES):
+        raise argparse.ArgumentTypeError(f"{name!r}: expected one of {', '.join(KD_METHODS)}, optionally "
+                                         f"+{' or +'.join(MIXES)}")
+    return name
+
+
+def kd_overrides(name: str) -> list[str]:
+    method, _, mix = name.partition("+")
+    return [f"distill.method={method}", f"distill.mix={mix or 'none'}"]
 TARGETS = {"teacher_accuracy": 0.918, "teacher_seconds": 10.0, "student_macs_fraction": 1 / 8,
            "distilled_within_points": 3.0, "kd_gain_points": 1.0, "prune_macs_ratio": 2.0, "round_to": 8}
 
@@ -102,8 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=None,
                         help="sweep: the teacher's and student's epochs on the full subset (default: the profile's; "
                              "the warm-up scales with them)")
-    parser.add_argument("--methods", nargs="+", default=list(KD_METHODS), choices=KD_METHODS,
-                        help="sweep: distill.method values to compare")
+    parser.add_argument("--methods", nargs="+", default=list(KD_METHODS), type=kd_variant,
+                        help="sweep: distill.method values to compare, each optionally with +mixup or +cutmix "
+                             "(distill.mix: consistent teaching), e.g. hinton dkd hinton+mixup")
     args = parser.parse_args(argv)
     if args.train_fraction and not all(0 < f <= 1 for f in args.train_fraction):
         parser.error("--train-fraction: each fraction must lie in (0, 1]")
@@ -341,7 +357,7 @@ def run_sweep(args: argparse.Namespace, profile_raw: dict, device: torch.device)
                 test = Split.from_prepared(data_mod.load_prepared(paths.prepared), "test", device)
                 runs = [("teacher", stages.teacher, params, "teacher"), ("student", stages.student, params, "student")]
                 runs += [(m, stages.distill, config.parse(config.apply_overrides(params.model_dump(mode="json"),
-                                                                                 [f"distill.method={m}"])), "distilled")
+                                                                                 kd_overrides(m))), "distilled")
                          for m in args.methods]
                 for name, stage, p, saved in runs:
                     print(f"[sweep] seed {seed}, fraction {fraction}: {name} ...", file=sys.stderr, flush=True)

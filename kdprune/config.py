@@ -111,6 +111,10 @@ class HintParams(Strict):
     # Which feature map of each network: an index into the model's stages (model.stages), negative from the deepest.
     stage: int = -1
     weight: float = Field(default=1.0, ge=0)  # of the hint term
+    # The adapter's own learning rate, as a multiple of the student's (it starts from scratch while the student's
+    # features already move), and the hint term's own ramp-in: its weight grows linearly from 0 over these epochs.
+    lr_scale: float = Field(default=1.0, gt=0)
+    warmup_epochs: float = Field(default=0.0, ge=0)
 
 
 class DistillParams(Strict):

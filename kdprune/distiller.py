@@ -42,6 +42,7 @@ class Distiller:
         self.teacher = teacher.eval().requires_grad_(False)
         self.params = params
         self.warmup_steps = params.dkd.warmup_epochs * steps_per_epoch
+        self.hint_warmup_steps = params.hint.warmup_epochs * steps_per_epoch
         self.trainable = nn.ModuleDict()  # trained with the student, by its optimizer
         self._features: dict[str, torch.Tensor] = {}
         self._hooks = []
@@ -93,7 +94,8 @@ class Distiller:
         # Hinton's loss with alpha = 1 is its KD term alone (T^2 * KL); the label term is added here, mixed or not
         loss = p.alpha * hinton_kd_loss(student_logits, teacher_logits, y, p.temperature, 1.0) + (1 - p.alpha) * ce()
         if p.method == "fitnets":
-            loss = loss + p.hint.weight * hint_loss(*self.matched_features())
+            ramp = min(1.0, step / self.hint_warmup_steps) if self.hint_warmup_steps > 0 else 1.0
+            loss = loss + ramp * p.hint.weight * hint_loss(*self.matched_features())
         return loss
 
     def matched_features(self) -> tuple[torch.Tensor, torch.Tensor]:

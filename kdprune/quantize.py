@@ -15,8 +15,10 @@ call, the QDQ graph's extra nodes cost more than the integer arithmetic saves.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,19 @@ def calibration_sample(train_x: torch.Tensor, n: int, seed: int) -> np.ndarray:
     return train_x[order].float().div(255).numpy()
 
 
+@contextmanager
+def _quiet_root_logger():
+    """ORT's quantizer warns on the root logger for each weight it skips per-channel (1-d biases); kdprune says
+    what was decided in one line instead."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def quantize_int8(float_path: Path, out_path: Path, calibration: np.ndarray) -> None:
     """Write the static INT8 (QDQ, per-channel weights) version of `float_path` to `out_path`."""
     q = _require("onnxruntime.quantization")
@@ -50,10 +65,14 @@ def quantize_int8(float_path: Path, out_path: Path, calibration: np.ndarray) -> 
         def get_next(self):
             return next(self.batches, None)
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _quiet_root_logger():
         prepared = Path(tmp) / "prepared.onnx"
         try:
-            quant_pre_process(str(float_path), str(prepared))
+            try:
+                quant_pre_process(str(float_path), str(prepared))
+            except Exception:  # noqa: BLE001 - ORT's symbolic shape inference fails on some graphs (airbench's
+                # flatten: "'NoneType' object is not iterable"); ONNX's own shape inference suffices there
+                quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
             q.quantize_static(str(prepared), str(Path(tmp) / "int8.onnx"), Reader(), quant_format=q.QuantFormat.QDQ,
                               per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8)
         except Exception as error:  # noqa: BLE001 - ORT's quantizer raises many types; one line, float kept

@@ -138,8 +138,13 @@ def fit(
     if teacher is not None:
         distiller = Distiller(teacher.to(device), model, distill or DistillParams(), train.inputs(slice(0, 2)),
                               steps_per_epoch)
-    # the distiller's adapters (if any) learn with the student, under the same optimizer and schedule
-    optimizer = build_optimizer(model if distiller is None else nn.ModuleList([model, distiller.trainable]), params)
+    # the distiller's adapters (if any) learn with the student, under the same optimizer and schedule, at their own
+    # peak learning rate (distill.hint.lr_scale x the student's)
+    optimizer = build_optimizer(model, params)
+    adapter = [q for q in distiller.trainable.parameters()] if distiller is not None else []
+    if adapter:
+        lr = params.lr * distiller.params.hint.lr_scale
+        optimizer.add_param_group({"params": adapter, "lr": lr, "base_lr": lr, "weight_decay": 0.0})
     step_model = distributed.wrap(model)  # under torchrun: DDP averages the gradients (no-op otherwise)
     step_model = torch.compile(step_model) if params.compile else step_model
     total_steps = steps_per_epoch * params.epochs

@@ -112,3 +112,12 @@ def test_seed_recipe_and_dataloader_rows(tiny_profile, tmp_path):
         assert rows[("seed", model)]["images_per_second"] > 0 and rows[("seed+DataLoader", model)]["images_per_second"] > 0
         assert result["summary"][f"data_path_speedup_{model}"] == pytest.approx(
             rows[("seed", model)]["images_per_second"] / rows[("seed+DataLoader", model)]["images_per_second"])
+
+
+def test_a_kd_variant_names_its_method_and_mix():
+    assert bench.kd_overrides("dkd") == ["distill.method=dkd", "distill.mix=none"]
+    assert bench.kd_overrides("hinton+cutmix") == ["distill.method=hinton", "distill.mix=cutmix"]
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError, match="'hinton\\+blur'"):
+        bench.kd_variant("hinton+blur")

@@ -79,6 +79,8 @@ def test_each_method_trains_differently_from_hinton(teacher, method):
     ("fitnets", {"hint": HintParams(weight=5.0)}),
     ("fitnets", {"hint": HintParams(stage=0)}),
     ("fitnets", {"alpha": 0.5}),
+    ("fitnets", {"hint": HintParams(lr_scale=10.0)}),
+    ("fitnets", {"hint": HintParams(warmup_epochs=1.0)}),
     ("hinton", {"mix": "mixup"}),
     ("hinton", {"mix": "cutmix"}),
     ("dkd", {"mix": "cutmix"}),
@@ -170,24 +172,52 @@ def test_the_probe_leaves_the_student_untouched():
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
 
 
-def test_adapter_learns_with_the_students_optimizer(teacher, monkeypatch):
-    """fit hands the adapter's parameters to the one optimizer, and they change during training."""
+def test_adapter_learns_with_the_students_optimizer_at_its_own_lr(teacher, monkeypatch):
+    """fit hands the adapter's parameters to the one optimizer, in their own group at hint.lr_scale x the student's
+    peak lr (following the same schedule), and they change during training."""
     seen = {}
     real = train_mod.build_optimizer
 
     def spy(module, params):
         seen["optimizer"] = real(module, params)
-        seen["module"] = module
         return seen["optimizer"]
 
     monkeypatch.setattr(train_mod, "build_optimizer", spy)
-    student = distil(teacher, "fitnets", arch="seed_small")  # widths 128 vs 32: a 1x1 adapter
-    adapters = [m for m in seen["module"].modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
-    assert len(adapters) == 1
-    in_optimizer = {id(p) for group in seen["optimizer"].param_groups for p in group["params"]}
-    assert id(adapters[0].weight) in in_optimizer
-    assert seen["optimizer"].state[adapters[0].weight]  # it took steps
-    assert {id(p) for p in student.parameters()} <= in_optimizer
+    student = distil(teacher, "fitnets", arch="seed_small", hint=HintParams(lr_scale=3.0))  # widths 128 vs 32
+    groups = seen["optimizer"].param_groups
+    student_ids = {id(p) for p in student.parameters()}
+    adapter_groups = [g for g in groups if not {id(p) for p in g["params"]} & student_ids]
+    assert len(adapter_groups) == 1 and len(adapter_groups[0]["params"]) == 1  # the 1x1 adapter's weight
+    adapter = adapter_groups[0]["params"][0]
+    assert adapter.shape[-2:] == (1, 1) and seen["optimizer"].state[adapter]  # it took steps
+    assert adapter_groups[0]["base_lr"] == pytest.approx(3.0 * TRAIN.lr)
+    student_group = next(g for g in groups if g is not adapter_groups[0])
+    assert adapter_groups[0]["lr"] == pytest.approx(3.0 * student_group["lr"])  # the same schedule
+    assert student_ids <= {id(p) for g in groups for p in g["params"]}
+
+
+def test_the_hint_ramps_in_over_its_warmup(teacher):
+    params = DistillParams(method="fitnets", hint=HintParams(weight=1.0, warmup_epochs=2.0))
+    student = net("resnet")
+    x = splits()[0].inputs(slice(0, 8))
+    y = splits()[0].y[:8]
+    d = Distiller(teacher, student, params, x, steps_per_epoch=4)
+    try:
+        logits = student(x)
+        hinton = DistillParams(method="hinton")
+        base = Distiller(teacher, student, hinton, x, 4).loss(logits, x, y, 0)
+        hint = hint_loss_of(d, logits, x, y)
+        for step, share in ((0, 0.0), (4, 0.5), (8, 1.0), (20, 1.0)):
+            assert d.loss(logits, x, y, step).item() == pytest.approx(base.item() + share * hint, rel=1e-5)
+    finally:
+        d.close()
+
+
+def hint_loss_of(d: Distiller, logits, x, y) -> float:
+    from kdprune.losses import hint_loss
+
+    d.loss(logits, x, y, 0)  # runs the teacher: both feature maps captured
+    return hint_loss(*d.matched_features()).item()
 
 
 @pytest.mark.parametrize("ema", [None, 0.9])
