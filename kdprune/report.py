@@ -91,8 +91,8 @@ def format_table(report: dict) -> str:
                       f"(test split); balanced test accuracy {pruned['balanced_test_accuracy']:.2%}."]
     if "latency_threads" in first:
         lines += ["", f"CPU ms: wall time; CPU-time ms: the process's CPU time (with one thread on a shared CPU, the "
-                      f"better estimate of an idle core). ONNX Runtime ms: the served file and the distilled student's ONNX, "
-                      f"timed side by side on the pruning summary's clock. All: {first['latency_statistic']} of "
+                      f"better estimate of an idle core). ONNX Runtime ms: the served file and the distilled student's ONNX (each "
+                      f"with the flip TTA of its evaluation, when on), timed side by side on the pruning summary's clock. All: {first['latency_statistic']} of "
                       f"interleaved repeats "
                       f"across the models, {first['latency_threads']} thread(s), after warm-up."]
     gain = report.get("kd_gain")

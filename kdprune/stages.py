@@ -292,13 +292,15 @@ def _onnx_model(paths: Paths, threads: int | None) -> torch.nn.Module:
     return OrtModel(paths.onnx, threads=threads)
 
 
-def _parent_onnx(model: torch.nn.Module, prepared: dict, folder: Path, threads: int | None) -> torch.nn.Module:
-    """`model` as it would be served (normalising, ONNX, ONNX Runtime CPU): the baseline the served file must beat."""
+def _parent_onnx(model: torch.nn.Module, prepared: dict, folder: Path, threads: int | None,
+                 tta: bool) -> torch.nn.Module:
+    """`model` as it would be served (normalising, with the flip TTA its evaluation used, ONNX, ONNX Runtime CPU):
+    the baseline the served file must beat (which carries prune.finetune.tta's TTA the same way)."""
     from kdprune.export import OrtModel, export_onnx
     from kdprune.serving import with_normalization
 
     path = folder / "parent.onnx"
-    export_onnx(with_normalization(model.cpu(), prepared["mean"].tolist(), prepared["std"].tolist()),
+    export_onnx(with_normalization(model.cpu(), prepared["mean"].tolist(), prepared["std"].tolist(), tta),
                 tuple(prepared["train_x"].shape[1:]), path)
     return OrtModel(path, threads=threads)
 
@@ -359,7 +361,7 @@ def evaluate(params: Params, paths: Paths, tracker=NullTracker(), device: torch.
         # Where it is served: the served file beside its parent, the distilled student exported the same way, both
         # on ONNX Runtime. Timed apart from the torch models, in sessions opened together just before: a session
         # opened before the torch work measured 1.5x slower at batch 1 than one opened after it.
-        distilled_onnx = _parent_onnx(models["distilled"], prepared, Path(tmp), e.latency_threads)
+        distilled_onnx = _parent_onnx(models["distilled"], prepared, Path(tmp), e.latency_threads, tta["distilled"])
         served = _onnx_model(paths, e.latency_threads)
         for suffix, batch in (("b1", 1), ("batch", e.latency_batch)):
             measured = compare_latency({"pruned": served, "distilled": distilled_onnx}, input_shape, batch,
