@@ -120,21 +120,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=list(KD_METHODS), type=kd_variant,
                         help="sweep: distill.method values to compare, each optionally with +mixup or +cutmix "
                              "(distill.mix: consistent teaching), e.g. hinton dkd hinton+mixup")
+    parser.add_argument("--profile-data", action="store_true",
+                        help="use the profile's own data section (e.g. params.yaml's digits) instead of --data")
     args = parser.parse_args(argv)
     if args.train_fraction and not all(0 < f <= 1 for f in args.train_fraction):
         parser.error("--train-fraction: each fraction must lie in (0, 1]")
-    args.data = (args.data or default_data()).resolve()
+    args.data = None if args.profile_data else (args.data or default_data()).resolve()
     if args.profile is None:
         args.profile = REPO / "profiles" / ("cifar10-cpu-quick.yaml" if args.quick else "cifar10-gpu.yaml")
     return args
 
 
 # --------------------------------------------------------------------------------------------- recipes
-def load_profile(path: Path, data: Path, overrides: list[str] = ()) -> tuple[dict, config.Params]:
+def load_profile(path: Path, data: Path | None, overrides: list[str] = ()) -> tuple[dict, config.Params]:
     """The profile with `overrides` (KEY=VALUE) applied and its data pointed at `data` (always through the
-    imagefolder source)."""
+    imagefolder source); `data` None keeps the profile's own data section."""
     raw = yaml.safe_load(path.read_text()) or {}
-    raw = config.apply_overrides(raw, [*overrides, "data.source=imagefolder", f"data.path={json.dumps(str(data))}"])
+    where = [] if data is None else ["data.source=imagefolder", f"data.path={json.dumps(str(data))}"]
+    raw = config.apply_overrides(raw, [*overrides, *where])
     return raw, config.parse(raw, str(path))
 
 
@@ -474,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     device = project.resolve_device(args.device)
-    if not args.data.exists():
+    if args.data is not None and not args.data.exists():
         print(f"bench: {args.data}: not found (pass --data)", file=sys.stderr)
         return 2
     try:
