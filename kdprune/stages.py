@@ -373,7 +373,8 @@ def evaluate(params: Params, paths: Paths, tracker=NullTracker(), device: torch.
     report = {"dataset": data_mod.describe(prepared), "models": rows,
               "model_metrics": _model_metrics(rows, paths, prepared, served, clock),
               "pruning": pruning_summary(models["distilled"], models["pruned"], rows, params.prune, clock),
-              "kd_gain": kd_gain(test_correct["distilled"], test_correct["student"], params.distill.method),
+              "kd_gain": kd_gain(test_correct["distilled"], test_correct["student"], params.distill.method
+                                 + ("" if params.distill.mix == "none" else f"+{params.distill.mix}")),
               "served": {"file": str(paths.onnx.relative_to(paths.root)), "format": export_check.get("served", "fp32"),
                          "reason": export_check.get("reason", "")}}
     # the model metrics repeat the rows under MLflow's names: in the summary (resume keeps it), not in DVC's metrics
