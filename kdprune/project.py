@@ -51,6 +51,13 @@ class Paths:
 
     @property
     def report_json(self) -> Path:
+        """The evaluate stage's whole report, timings included: what register and people's scripts read."""
+        return self.root / "reports" / "report.json"
+
+    @property
+    def metrics_json(self) -> Path:
+        """The report without its timings: DVC's metrics, so `dvc metrics diff` shows what changed in the models,
+        not the latency noise of models that did not change."""
         return self.root / "reports" / "metrics.json"
 
     @property

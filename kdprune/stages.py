@@ -379,6 +379,7 @@ def evaluate(params: Params, paths: Paths, tracker=NullTracker(), device: torch.
                          "reason": export_check.get("reason", "")}}
     # the model metrics repeat the rows under MLflow's names: in the summary (resume keeps it), not in DVC's metrics
     write_json(paths.report_json, {k: v for k, v in report.items() if k != "model_metrics"})
+    write_json(paths.metrics_json, without_timings({k: v for k, v in report.items() if k != "model_metrics"}))
     table = format_table(report)
     write_text(paths.report_md, table)
     tracker.log_metrics(report_metrics(report))
@@ -386,6 +387,15 @@ def evaluate(params: Params, paths: Paths, tracker=NullTracker(), device: torch.
     tracker.log_text(table, "table.md")
     log_on_model_runs(report, paths, tracker)
     return report
+
+
+TIMING_WORDS = ("latency", "seconds", "speedup", "time_ms")  # in the report's keys: measured times and their ratios
+
+
+def without_timings(report: dict) -> dict:
+    """The report without measured times, speed-ups and latency settings (they stay in reports/report.json)."""
+    return {k: without_timings(v) if isinstance(v, dict) else v for k, v in report.items()
+            if not any(word in k for word in TIMING_WORDS)}
 
 
 def _model_metrics(rows: dict, paths: Paths, prepared: dict, served: torch.nn.Module, clock: str) -> dict[str, dict]:

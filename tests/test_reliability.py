@@ -180,11 +180,11 @@ BAD_REPORTS = {
 
 @pytest.mark.parametrize("content, expected", list(BAD_REPORTS.values()), ids=list(BAD_REPORTS))
 def test_garbage_metrics_json_names_the_file(project, capsys, content, expected):
-    path = project / "reports" / "metrics.json"
+    path = project / "reports" / "report.json"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     assert main(["stage", "register"]) == 2
     line = error_line(capsys.readouterr().err)
-    assert "reports/metrics.json" in line and expected in line
+    assert "reports/report.json" in line and expected in line
     assert_no_run_left_running(project)
 
 

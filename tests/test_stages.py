@@ -57,6 +57,25 @@ def test_report_has_every_model(trained_project):
     assert models["teacher"]["test_accuracy"] > 0.5  # ten classes: chance is 0.1
 
 
+def test_dvc_metrics_are_the_report_without_its_timings(trained_project):
+    """reports/metrics.json (DVC's metrics) carries accuracies, costs and the KD gain; the measured times stay in
+    reports/report.json, so `dvc metrics diff` does not list the latency noise of unchanged models."""
+    paths = Paths(trained_project)
+    metrics, report = read_json(paths.metrics_json), read_json(paths.report_json)
+
+    def keys(tree, prefix=""):
+        for k, v in tree.items():
+            yield from keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+
+    timing = {k for k in keys(report) if any(w in k.rsplit(".", 1)[-1] for w in ("latency", "seconds", "speedup",
+                                                                                    "time_ms"))}
+    assert {"models.pruned.cpu_latency_ms_b1", "models.pruned.ort_latency_ms_batch", "pruning.speedup_b1",
+            "pruning.served_speedup_batch"} <= timing
+    assert set(keys(metrics)) == set(keys(report)) - timing
+    assert metrics["models"]["pruned"]["test_accuracy"] == report["models"]["pruned"]["test_accuracy"]
+    assert metrics["kd_gain"] == report["kd_gain"] and metrics["pruning"]["achieved_macs_reduction"] > 0
+
+
 def test_report_accuracy_matches_the_saved_model(trained_project):
     """The report's test accuracy is the saved model's accuracy on the prepared test split."""
     paths = Paths(trained_project)
