@@ -60,8 +60,14 @@ OWNER = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial, to fa
 
 
 # ------------------------------------------------------------------------------------------- the space
-def suggest(trial: optuna.Trial, space: SearchSpace, *, distill: bool, pareto: bool) -> dict[str, Any]:
+ALPHA_READERS = ("hinton", "fitnets")  # the distill methods that read distill.alpha (DKD weighs its terms itself)
+
+
+def suggest(trial: optuna.Trial, space: SearchSpace, *, distill: bool | str, pareto: bool) -> dict[str, Any]:
     """Sample one point of the space (define-by-run); the keys are the params the training stages take.
+
+    `distill`: False for the teacher, else the distill method (True: any): the KD temperature is sampled, and alpha
+    only for a method that reads it.
 
     AdamW draws its lr from its own range (`adamw_lr`): one range for SGD and AdamW wastes trials on diverging
     AdamW runs, and TPE learns nothing from a pruned divergence.
@@ -84,7 +90,8 @@ def suggest(trial: optuna.Trial, space: SearchSpace, *, distill: bool, pareto: b
     }
     if distill:
         s["temperature"] = trial.suggest_float("temperature", space.temperature.low, space.temperature.high)
-        s["alpha"] = trial.suggest_float("alpha", space.alpha.low, space.alpha.high)
+        if distill is True or distill in ALPHA_READERS:
+            s["alpha"] = trial.suggest_float("alpha", space.alpha.low, space.alpha.high)
     if pareto:
         s["width"] = trial.suggest_int("width", space.width.low, space.width.high)
         s["prune_target"] = trial.suggest_float("prune_target", space.prune_target.low, space.prune_target.high)
@@ -114,7 +121,9 @@ def trial_inputs(params: Params, role: str, dataset_id: str, teacher: str | None
     (it only picks among finished trials). The student's trials also read the trained teacher (its hash) and the
     distillation method's own params."""
     search, pareto = params.search, is_pareto(params.search, role)
-    space = search.space.model_dump(exclude=({"temperature", "alpha"} if role == "teacher" else set())
+    unread = ({"temperature", "alpha"} if role == "teacher"
+              else set() if params.distill.method in ALPHA_READERS else {"alpha"})
+    space = search.space.model_dump(exclude=unread
                                     | (set() if pareto else {"width", "prune_target"}))
     role_params = getattr(params, role)
     train = role_params.train.model_dump(exclude=set(TRAIN_KEYS) | {"tta", "compile"})
@@ -234,7 +243,8 @@ def run_trial(trial: optuna.Trial, setup: TrialSetup, prepared: dict, teacher: t
     pareto = is_pareto(search, setup.role)
     trial.set_user_attr("owner", OWNER)
     trial.set_user_attr("model_based", _model_based(trial, search))
-    point = suggest(trial, search.space, distill=setup.role == "student", pareto=pareto)
+    point = suggest(trial, search.space, distill=setup.role == "student" and setup.params.distill.method,
+                    pareto=pareto)
     trial.set_user_attr("point", point)
     params = apply_point(setup.params, setup.role, point, fraction=search.fraction)
     role = getattr(params, setup.role)

@@ -684,3 +684,21 @@ def test_pareto_mode_trains_the_most_accurate_front_point_within_the_macs_budget
     used = effective_params(params, Paths(search_root))
     assert used.student.model.width == best["point"]["width"]
     assert used.prune.target == pytest.approx(best["point"]["prune_target"])
+
+
+def test_the_student_study_samples_alpha_only_for_a_method_that_reads_it(tmp_path):
+    """DKD never reads distill.alpha: its trials do not sample it, and the alpha range is not part of its identity."""
+    space = SearchSpace()
+    for method, has_alpha in (("dkd", False), ("hinton", True), ("fitnets", True)):
+        study = optuna.create_study()
+        study.optimize(lambda t: len(search_mod.suggest(t, space, distill=method, pareto=False)), n_trials=1)
+        assert ("alpha" in study.trials[0].params) is has_alpha, method
+        assert "temperature" in study.trials[0].params
+
+    def name(method, alpha_high):
+        raw = tiny_params_dict(distill={"method": method},
+                               search={"enabled": True, "space": {"alpha": {"low": 0.1, "high": alpha_high}}})
+        return search_mod.study_name(config.parse(raw), "student", "data", "teacher")
+
+    assert name("dkd", 0.9) == name("dkd", 0.5)
+    assert name("hinton", 0.9) != name("hinton", 0.5)
