@@ -202,3 +202,17 @@ def test_a_failing_quantization_is_one_line_and_leaves_the_served_file(project, 
     assert str(info.value).startswith("export.quantize: int8 quantization of") and "\n" not in str(info.value)
     assert "(unsupported op)" in str(info.value)
     assert paths.onnx.read_bytes() == before and leftovers(paths.onnx.parent) == []
+
+
+def test_the_export_stage_reads_its_calibration_size_and_p_value(project, monkeypatch):
+    """export.calibration_images changes the INT8 file's scales; export.max_p_value = 1 calls any INT8 'worse'."""
+    paths = Paths(project)
+    _int8_speed(monkeypatch, 1.5)
+    files = {}
+    for n in (512, 2):
+        summary = run_stage("export", config.parse(tiny_params_dict(export={"calibration_images": n})), paths, device=CPU)
+        assert summary["served"] == "int8"
+        files[n] = paths.onnx.read_bytes()
+    assert files[512] != files[2]
+    strict = run_stage("export", config.parse(tiny_params_dict(export={"max_p_value": 1.0})), paths, device=CPU)
+    assert strict["served"] == "fp32" and "significantly worse" in strict["reason"]
