@@ -108,11 +108,10 @@ class Paths:
 
 
 def stage_outputs(paths: Paths) -> dict[str, Path]:
-    """The main output of each stage (the file later stages read)."""
-    return {"prepare": paths.prepared, "search-teacher": paths.search_best("teacher"), "teacher": paths.model("teacher"),
-            "search-student": paths.search_best("student"), "compare": paths.compare_json,
-            "student": paths.model("student"), "distill": paths.model("distilled"), "prune": paths.model("pruned"),
-            "export": paths.onnx, "evaluate": paths.report_json, "register": paths.registration}
+    """The main output of each stage (the file later stages read): the first of its outputs in the stage table."""
+    from kdprune.stage_inputs import table
+
+    return {name: paths.root / stage.outputs()[0] for name, stage in table().items()}
 
 
 def resolve_device(name: str | None = None) -> torch.device:

@@ -1,9 +1,10 @@
 """Resume: a stage whose inputs and outputs are unchanged since it last finished is not run again.
 
 When a stage finishes, a record (`.kdprune/stages/NAME.json`) keeps a fingerprint of its inputs and the hashes of
-its outputs. The inputs are what dvc.yaml declares for the stage (its params sections, its code and upstream
-files), read from the project's dvc.yaml as plain YAML, so DVC itself is not needed. A stage is up to date when
-its record's fingerprint equals the current one and every output still has its recorded hash.
+its outputs. The inputs are those of kdprune/stage_inputs.py, the table dvc.yaml is written from: its params, its
+upstream files in the project, the code that runs (wherever it is installed) and, for `prepare`, the data source
+wherever it lives. A stage is up to date when its record's fingerprint equals the current one and every output
+still has its recorded hash.
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ import hashlib
 import json
 from pathlib import Path
 
-import yaml
-
 import kdprune
 from kdprune.io import write_json
+from kdprune.stage_inputs import PACKAGE, table
 
 CODE_ROOT = Path(kdprune.__file__).resolve().parents[1]  # the code that runs, wherever the project lives
 _hashes: dict[tuple, str] = {}
@@ -42,24 +42,17 @@ def file_md5(path: Path) -> str | None:
     return _hashes[key]
 
 
-def _entries(items) -> list[str]:
-    """dvc.yaml lists hold paths or {path: options}."""
-    return [next(iter(item)) if isinstance(item, dict) else str(item) for item in items or []]
+def _dep_path(root: Path, dep: str) -> Path:
+    """The code (`kdprune`, `kdprune/NAME.py`) is where it runs from; every other dep is inside the project."""
+    return CODE_ROOT / dep if dep == PACKAGE or dep.startswith(PACKAGE + "/") else Path(root) / dep
 
 
-def stage_spec(root: Path, name: str) -> dict | None:
-    """deps, params and outs of `name` in the project's dvc.yaml (else the one beside the code); None if absent."""
-    for dvc_yaml in (Path(root) / "dvc.yaml", CODE_ROOT / "dvc.yaml"):
-        if dvc_yaml.is_file():
-            try:
-                stage = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}).get(name)
-            except (yaml.YAMLError, AttributeError):
-                return None
-            if not isinstance(stage, dict):
-                return None
-            return {"deps": _entries(stage.get("deps")), "params": _entries(stage.get("params")),
-                    "outs": _entries(stage.get("outs")) + _entries(stage.get("metrics")) + _entries(stage.get("plots"))}
-    return None
+def data_source_path(root: Path, params) -> Path | None:
+    """The files behind `data.path` (relative to the project), or None when the data has no path (digits)."""
+    if not params.data.path:
+        return None
+    path = Path(params.data.path).expanduser()
+    return path if path.is_absolute() else Path(root) / path
 
 
 def _param(raw: dict, dotted: str):
@@ -69,23 +62,23 @@ def _param(raw: dict, dotted: str):
     return node
 
 
-def fingerprint(root: Path, name: str, params, extra: dict | None = None) -> tuple[str, list[str]] | None:
-    """(hash of the stage's inputs, its output paths), or None when dvc.yaml does not describe the stage."""
-    spec = stage_spec(root, name)
-    if spec is None:
-        return None
+def fingerprint(root: Path, name: str, params, extra: dict | None = None) -> tuple[str, list[str]]:
+    """(hash of the stage's inputs, its output paths)."""
+    stage = table()[name]
     raw = params.model_dump()
-    deps = {dep: file_md5(CODE_ROOT / dep if dep.startswith("kdprune/") else Path(root) / dep) for dep in spec["deps"]}
-    inputs = {"params": {key: _param(raw, key) for key in spec["params"]}, "deps": deps, "extra": extra or {}}
+    deps = {dep: file_md5(_dep_path(root, dep)) for dep in stage.deps}
+    if stage.data_source and (source := data_source_path(root, params)) is not None:
+        deps["data.path"] = file_md5(source)
+    inputs = {"params": {key: _param(raw, key) for key in stage.params}, "deps": deps, "extra": extra or {}}
     digest = hashlib.md5(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
-    return digest, spec["outs"]
+    return digest, stage.outputs()
 
 
 def completed(root: Path, name: str, params, extra: dict | None = None) -> dict | None:
     """The summary of the stage's last run when its inputs and outputs are unchanged since; else None."""
     found = fingerprint(root, name, params, extra)
     path = record_path(root, name)
-    if found is None or not path.is_file():
+    if not path.is_file():
         return None
     try:
         record = json.loads(path.read_text())
@@ -100,8 +93,6 @@ def completed(root: Path, name: str, params, extra: dict | None = None) -> dict 
 def mark_done(root: Path, name: str, params, summary: dict, extra: dict | None = None) -> None:
     """Record that the stage finished with these inputs and outputs."""
     found = fingerprint(root, name, params, extra)
-    if found is None:
-        return
     outputs = {out: file_md5(Path(root) / out) for out in found[1]}
     if None in outputs.values():
         return  # an output is missing: nothing to resume from

@@ -26,7 +26,6 @@ import csv
 import hashlib
 import io
 import json
-import math
 import os
 import re
 import socket
@@ -41,7 +40,8 @@ import torch
 
 from kdprune import data as data_mod
 from kdprune.checkpoint import load_model
-from kdprune.config import Params, SearchParams, SearchSpace
+from kdprune.config import (AugmentParams, DistillParams, DKDParams, ModelParams, Params, SearchParams, SearchSpace,
+                             TrainParams)
 from kdprune.errors import KdpruneError, TrainingDiverged
 from kdprune.io import write_json, write_text
 from kdprune.project import (AUGMENT_KEYS, TRAIN_KEYS, Paths, apply_point, input_spec, new_model, resolve_device,
@@ -115,31 +115,53 @@ def file_fingerprint(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
 
 
+BUDGET_KEYS = {"teacher": ("search.enabled", "search.n_trials", "search.storage"),
+               "student": ("search.enabled", "search.n_trials", "search.storage", "search.max_macs")}
+
+
+def trial_keys(role: str, method: str | None = None, pareto: bool | None = None) -> list[str]:
+    """The params keys one role's trials read: the one list behind a study's identity (`trial_inputs`) and the
+    search stage's params in dvc.yaml (kdprune/stage_inputs.py). `method` / `pareto` None: what any method or mode
+    reads (dvc.yaml is static).
+
+    Left out: searched keys (the point replaces them), n_trials and max_macs (a budget and a pick among finished
+    trials: raising n_trials resumes the study), workers/runner/storage, eval-only tta, compile. The student's
+    trials also read the trained teacher (its hash, not a param) and the distillation method's own params."""
+    pareto = False if role == "teacher" else pareto
+    unread_space = ({"temperature", "alpha"} if role == "teacher"
+                    else {"alpha"} if method is not None and method not in ALPHA_READERS else set())
+    if pareto is False:
+        unread_space |= {"width", "prune_target"}
+    keys = ["seed", "search.fraction", "search.seed", *(f"search.space.{k}" for k in SearchSpace.model_fields
+                                                          if k not in unread_space)]
+    keys += [f"{role}.model.{k}" for k in ModelParams.model_fields
+             if k != "dropout" and not (k == "width" and pareto is True)]
+    keys += [f"{role}.train.{k}" for k in TrainParams.model_fields
+             if k not in (*TRAIN_KEYS, "tta", "compile", "augment")]
+    keys += [f"{role}.train.augment.{k}" for k in AugmentParams.model_fields if k not in AUGMENT_KEYS]
+    if role == "student":  # the method and its knobs; the searched temperature replaces DKD's own too (apply_point)
+        keys += ["search.mode", *(f"distill.{k}" for k in DistillParams.model_fields
+                                  if k not in ("temperature", "alpha", "dkd", "hint")),
+                 *(f"distill.dkd.{k}" for k in DKDParams.model_fields if k != "temperature"), "distill.hint"]
+        if pareto is not False:
+            keys += ["prune.round_to", "prune.runtime"]
+    return keys
+
+
+def _lookup(raw: dict, dotted: str):
+    for part in dotted.split("."):
+        raw = raw[part]
+    return raw
+
+
 def trial_inputs(params: Params, role: str, dataset_id: str, teacher: str | None = None) -> dict:
-    """Exactly what one role's trials read: searched keys are left out (the point replaces them), so are
-    n_trials (a budget: raising it resumes), workers/runner/storage, eval-only tta, compile, and max_macs
-    (it only picks among finished trials). The student's trials also read the trained teacher (its hash) and the
-    distillation method's own params."""
-    search, pareto = params.search, is_pareto(params.search, role)
-    unread = ({"temperature", "alpha"} if role == "teacher"
-              else set() if params.distill.method in ALPHA_READERS else {"alpha"})
-    space = search.space.model_dump(exclude=unread
-                                    | (set() if pareto else {"width", "prune_target"}))
-    role_params = getattr(params, role)
-    train = role_params.train.model_dump(exclude=set(TRAIN_KEYS) | {"tta", "compile"})
-    train["augment"] = {k: v for k, v in train["augment"].items() if k not in AUGMENT_KEYS}
-    model = role_params.model.model_dump(exclude={"dropout"} | ({"width"} if pareto else set()))
-    inputs = {"role": role, "seed": params.seed, "dataset": dataset_id, "model": model, "train": train,
-              "search": {"mode": search.mode if role == "student" else "single", "fraction": search.fraction,
-                         "seed": search.seed, "space": space},
-              "code": code_fingerprint()}
+    """Exactly what one role's trials read (`trial_keys`), the data and the code they run."""
+    raw = params.model_dump()
+    keys = trial_keys(role, params.distill.method, is_pareto(params.search, role))
+    inputs = {"role": role, "dataset": dataset_id, "code": code_fingerprint(),
+              "params": {key: _lookup(raw, key) for key in keys}}
     if role == "student":
         inputs["teacher"] = teacher
-        # the method and its knobs; the searched temperature replaces DKD's own too (apply_point)
-        inputs["distill"] = params.distill.model_dump(exclude={"temperature": True, "alpha": True,
-                                                               "dkd": {"temperature"}})
-    if pareto:
-        inputs["prune"] = {"round_to": params.prune.round_to, "runtime": params.prune.runtime}
     return inputs
 
 
@@ -360,8 +382,11 @@ def _run_study(setup: TrialSetup, run_workers: WorkerRunner) -> optuna.Study:
     search = setup.params.search
     study = create_study(setup.study_name, setup.storage, search, setup.role)
     fail_orphaned_trials(study)  # before counting: a killed trial is FAIL, and is replaced
-    per_worker = math.ceil(search.n_trials / search.workers)
-    run_workers(lambda i: optimize_worker(setup, per_worker, i), search.workers)
+    # the trials still missing, shared exactly: a worker that starts while another runs the last trial would
+    # run one more (a resumed study one short of n_trials, with 2 workers, ran 2)
+    missing = max(0, search.n_trials - counted(study))
+    quota = [missing // search.workers + (i < missing % search.workers) for i in range(search.workers)]
+    run_workers(lambda i: optimize_worker(setup, quota[i], i) if quota[i] else 0, search.workers)
     return optuna.load_study(study_name=setup.study_name, storage=open_storage(setup.storage))
 
 

@@ -1,8 +1,9 @@
-"""The search stages under `dvc repro`: a change the trials read reruns a study from scratch, one they do not read
-reruns nothing, and `dvc repro -f` really runs new trials (the study database is an out, removed before a run)."""
+"""The search stages under `dvc repro`: a change the trials read starts a new study, one they do not read reruns
+nothing, and a budget change (n_trials) continues the study it names (the study database persists)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -64,16 +65,25 @@ def test_dvc_reruns_a_study_exactly_when_what_its_trials_read_changes(dvc_search
     _set(repo, **{"teacher.train.tta": True, "student.train.epochs": 2, "search.workers": 2})
     assert ran_stages(run(["dvc", "repro", "search-teacher"], repo)) == set()
 
-    # -f: new trials, not the finished study's old best
+    # -f: the stage runs, and the study it names is finished: no new trials, the same best point
+    best = (repo / "search" / "teacher.json").read_text()
     assert "search-teacher" in ran_stages(run(["dvc", "repro", "-f", "-s", "search-teacher"], repo))
-    again, fresh = _study(repo)
-    assert again == name and len(fresh) == 2
-    assert min(t.datetime_start for t in fresh) > max(t.datetime_complete for t in trials)
+    assert _study(repo) == (name, trials) and (repo / "search" / "teacher.json").read_text() == best
+
+    # a bigger budget: the stage reruns and continues the same study (its first trials are kept)
+    _set(repo, **{"search.n_trials": 3})
+    assert ran_stages(run(["dvc", "repro", "search-teacher"], repo)) == {"search-teacher"}
+    again, more = _study(repo)
+    assert again == name and len(more) == 3
+    assert [t.params for t in more[:2]] == [t.params for t in trials]
 
     # a param the trials read: rerun, and a new study
     _set(repo, **{"teacher.train.ema": 0.9})
     assert ran_stages(run(["dvc", "repro", "search-teacher"], repo)) == {"search-teacher"}
-    changed, _ = _study(repo)
+    storage = f"sqlite:///{repo / 'search' / 'teacher-study.db'}"
+    names = optuna.study.get_all_study_names(storage=storage)
+    assert len(names) == 2 and name in names  # a new study beside the old one in the persisted file
+    changed = json.loads((repo / "search" / "teacher.json").read_text())["study"]["study"]
     assert changed != name
 
     # the code the trials run
