@@ -30,13 +30,14 @@ def code_folder() -> str:
 def deployment_parameters(params_path: str, overrides: list[str], device: str | None, tracking: bool,
                           source: str) -> dict:
     """The flow's parameters. With a local source, outputs go to this folder (absolute paths, like `kdprune
-    serve`); with a git source, each run works in its own clone (paths inside the repository)."""
+    serve`); with a git source, each run works in its own clone (paths inside the repository) and first fetches
+    the data the repository tracks with `dvc pull`."""
     if is_remote(source):
         if Path(params_path).is_absolute():
             raise KdpruneError(f"--params {params_path}: with a git --source give the params file's path inside "
                                "the repository (workers read it from their clone)")
         return {"params_path": params_path, "overrides": overrides, "device": device, "tracking": tracking,
-                "root": "."}
+                "root": ".", "pull": True}
     return {"params_path": str(Path(params_path).resolve()), "overrides": overrides, "device": device,
             "tracking": tracking, "root": str(Path.cwd())}
 

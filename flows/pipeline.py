@@ -47,6 +47,25 @@ def dvc_commit(root: Path, params_path: str, overrides: list[str], inputs_before
     return "outputs recorded in dvc.lock (dvc status is clean)"
 
 
+def dvc_pull(root: Path) -> str:
+    """`dvc pull` in a fresh clone (a deployment from git): the data and outputs the repository tracks, from its
+    DVC remote. A failure is one error line naming the remote's complaint."""
+    if not (root / ".dvc").is_dir():
+        raise KdpruneError(f"dvc_pull: {root.resolve()} is not a DVC project (no .dvc/); deploy a repository with "
+                           "`dvc init` and a remote, or without --source")
+    tracked = sorted(str(f.relative_to(root)) for f in Path(root).rglob("*.dvc")
+                     if f.is_file() and ".dvc" not in f.relative_to(root).parts[:-1])
+    pulls = [tracked] if tracked else []  # the data (`dvc add`ed) must arrive
+    if (root / "dvc.lock").is_file():  # stage outputs: those no one pushed are rebuilt by the run itself
+        pulls.append(["--allow-missing"])
+    for args in pulls:
+        done = subprocess.run([sys.executable, "-m", "dvc", "pull", *args], cwd=root, capture_output=True, text=True)
+        if done.returncode != 0:
+            lines = [line for line in done.stderr.splitlines() if line.startswith("ERROR")] or done.stderr.splitlines()
+            raise KdpruneError(f"dvc pull failed in {root.resolve()}: {lines[0].strip() if lines else done.returncode}")
+    return "dvc pull: data and outputs fetched from the DVC remote"
+
+
 class _ExpectedErrors(logging.Filter):
     """Drops Prefect's console records (and tracebacks) about errors the CLI reports in one line itself."""
 
@@ -95,13 +114,16 @@ def _search(stage: str, params, paths, tracker, device, resume: bool) -> None:
 
 @flow(name="kdprune-pipeline", log_prints=True)
 def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None, device: str | None = None,
-             tracking: bool = True, root: str = ".", resume: bool = True) -> dict:
+             tracking: bool = True, root: str = ".", resume: bool = True, pull: bool = False) -> dict:
     """prepare -> search-teacher -> teacher -> search-student -> student, distill -> [compare] -> prune -> export
     -> evaluate -> register.
 
-    With `resume`, stages whose inputs and outputs are unchanged since they last finished are skipped.
+    With `resume`, stages whose inputs and outputs are unchanged since they last finished are skipped. With
+    `pull` (a deployment from git: each run is a fresh clone), `dvc pull` fetches the tracked data first.
     """
     exit_on_sigterm()  # scheduled runs are stopped with SIGTERM: close the MLflow runs on the way out
+    if pull:
+        get_run_logger().info(dvc_pull(Path(root)))
     overrides = list(overrides or [])
     inputs_before = inputs_fingerprint(params_path)  # before the params are read: what this run uses
     params = config.load(params_path, overrides)

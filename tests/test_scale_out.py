@@ -4,6 +4,7 @@ and the teacher stage under `torchrun` with DistributedDataParallel (gloo, 2 pro
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -200,6 +201,62 @@ def test_deployment_on_a_process_work_pool_is_run_by_a_worker_to_completed(workd
     assert not [r for r in runs if r.info.status == "RUNNING"]
 
 
+@pytest.mark.slow
+def test_deployment_from_git_clones_pulls_the_data_with_dvc_and_registers_a_champion(tmp_path):
+    """`kdprune deploy --source GIT_URL`: a process worker clones a bare repository, `dvc pull`s the images the
+    repository tracks (they are in no clone), runs the pipeline to COMPLETED, and the champion is registered."""
+    from mlflow.tracking import MlflowClient
+
+    from conftest import REPO, make_imagefolder
+    from test_dvc import init_project, run
+
+    raw = deep_update(tiny_params_dict(data={"source": "imagefolder", "path": "datasets/shapes", "val_fraction": 0.2}),
+                      {"registry": {"model_name": None}})
+    project = init_project(tmp_path / "team" / "project", yaml.safe_dump(raw, sort_keys=False))
+    for folder in ("flows", "tasks"):  # the deployment's entrypoint, flows/pipeline.py, comes from the clone
+        shutil.copytree(REPO / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    make_imagefolder(project / "datasets" / "shapes", classes=("ring", "square", "star"),
+                     per_class={"train": 12, "test": 4})
+    run(["dvc", "add", "datasets/shapes"], project)
+    run(["dvc", "push", "-q"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-q", "-m", "shapes v1"], project)
+    origin = tmp_path / "origin.git"
+    run(["git", "clone", "-q", "--bare", str(project), str(origin)], tmp_path)
+    # the images reach a clone only through the DVC remote
+    assert "datasets/shapes/train" not in run(["git", "ls-tree", "-r", "--name-only", "HEAD"], project)
+
+    worker_dir = tmp_path / "worker"
+    worker_dir.mkdir()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with prefect_server(tmp_path, subprocess_env(MLFLOW_TRACKING_URI=uri)) as env:
+        api = env["PREFECT_API_URL"]
+        done = subprocess.run(["kdprune", "deploy", "--pool", "git-pool", "--name", "from-git", "--source",
+                               f"file://{origin}", "--device", "cpu"], cwd=project, env=env, capture_output=True,
+                              text=True, timeout=300)  # from the team's checkout: its params.yaml has the cron
+        assert done.returncode == 0, done.stderr[-3000:]
+        deployment = _api(f"{api}/deployments/name/kdprune-pipeline/from-git")
+        assert deployment["parameters"]["root"] == "." and deployment["parameters"]["pull"] is True
+        worker = start(["prefect", "worker", "start", "--pool", "git-pool", "--type", "process"],
+                       worker_dir / "worker.log", env, cwd=worker_dir)
+        try:
+            run_ = _api(f"{api}/deployments/{deployment['id']}/create_flow_run", {})
+            run_ = _wait_for_final_state(api, run_["id"], timeout=600)
+        finally:
+            stop(worker)
+        log = (worker_dir / "worker.log").read_text()
+        assert run_["state"]["type"] == "COMPLETED", log[-4000:]
+        assert "dvc pull: data and outputs fetched" in log
+    client = MlflowClient(uri)
+    champion = client.get_model_version_by_alias("kdprune-shapes", "champion")
+    assert str(champion.version) == "1"
+    from kdprune.tracking import load_registered_model
+
+    assert load_registered_model("models:/kdprune-shapes@champion", uri).classes == ["ring", "square", "star"]
+    assert not [r for r in all_runs(uri) if r.info.status == "RUNNING"]
+    assert not (project / "mlruns").exists()
+
+
 # ------------------------------------------------------------------------ MLflow server on PostgreSQL
 @pytest.mark.slow
 def test_pipeline_logs_to_an_mlflow_server_backed_by_postgres(workdir, tiny_raw, postgres):
@@ -270,6 +327,27 @@ def test_ddp_ranks_end_with_identical_weights_and_report_the_same_loss(tmp_path)
         assert torch.equal(value, ranks[1]["state"][key]), key
     assert ranks[0]["losses"] == ranks[1]["losses"]  # the loss is averaged over the ranks
     assert ranks[0]["train_accuracy"] != ranks[1]["train_accuracy"]  # yet each rank trained on its own shard
+
+
+def test_a_failed_dvc_pull_is_one_line_naming_the_clone(tmp_path):
+    from flows.pipeline import dvc_pull
+    from kdprune.errors import KdpruneError
+    from test_dvc import run
+
+    with pytest.raises(KdpruneError, match="is not a DVC project"):
+        dvc_pull(tmp_path)
+    run(["git", "init", "-q"], tmp_path)
+    run(["dvc", "init", "-q"], tmp_path)
+    run(["dvc", "remote", "add", "-d", "gone", str(tmp_path / "no-such-remote")], tmp_path)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(b"not really")
+    run(["dvc", "add", "images"], tmp_path)
+    shutil.rmtree(tmp_path / ".dvc" / "cache")
+    shutil.rmtree(tmp_path / "images")
+    with pytest.raises(KdpruneError) as failed:
+        dvc_pull(tmp_path)
+    message = str(failed.value)
+    assert message.startswith(f"dvc pull failed in {tmp_path}: ERROR") and "\n" not in message
 
 
 def test_deploy_without_a_prefect_server_is_one_error_line(workdir, tiny_raw, capfd, monkeypatch):
