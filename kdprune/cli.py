@@ -134,11 +134,16 @@ def _drivers() -> None:
 def _run_one_stage(name, params, paths, tracker, device) -> dict:
     from kdprune.runner import SEARCH_STAGES, run_stage
 
-    if name in SEARCH_STAGES and params.search.enabled and project_drivers():
-        try:  # trial workers on Prefect's task runner (threads, processes or Dask) when Prefect is installed
+    if name in SEARCH_STAGES and params.search.enabled and params.search.runner != "threads":
+        # processes or Dask: trial workers on Prefect's task runner (threads need nothing beyond the core)
+        try:
+            if not project_drivers():
+                raise ImportError("flows/ is not beside kdprune/")
             from flows.search import run_search
-        except ImportError:
-            return run_stage(name, params, paths, tracker, device)
+        except ImportError as error:
+            raise KdpruneError(f"search.runner: {params.search.runner} runs its workers through Prefect, which is "
+                               f"not available here ({error}); install the project (`bash scripts/setup.sh`) or "
+                               "use search.runner: threads") from None
         return run_search(name, params, paths, tracker, device)
     return run_stage(name, params, paths, tracker, device)
 

@@ -343,3 +343,19 @@ def test_smoke_shortens_every_stage_and_yields_to_later_overrides(params_file, w
     assert main(["stage", "prepare", "--smoke", "--no-tracking", "-S", "data.max_test=50"]) == 0
     out = capsys.readouterr().out
     assert "train=256," in out and "test=50," in out
+
+
+def test_a_search_runner_that_needs_prefect_is_refused_not_swapped_for_threads(tmp_path, monkeypatch):
+    """No silent driver fallback: without Prefect's flows, search.runner processes is an error naming the field."""
+    import sys
+
+    from kdprune import cli, config
+    from kdprune.errors import KdpruneError
+    from kdprune.project import Paths
+    from kdprune.tracking import NullTracker
+
+    monkeypatch.setitem(sys.modules, "flows.search", None)  # importing it raises ImportError
+    params = config.parse(tiny_params_dict(search={"enabled": True, "runner": "processes", "workers": 2}))
+    with pytest.raises(KdpruneError, match="search.runner: processes runs its workers through Prefect"):
+        cli._run_one_stage("search-teacher", params, Paths(tmp_path), NullTracker(), "cpu")
+    assert not (tmp_path / "search").exists()  # nothing ran
