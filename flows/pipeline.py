@@ -22,7 +22,7 @@ from kdprune.errors import KdpruneError
 from kdprune.lineage import inputs_fingerprint
 from kdprune.lock import project_lock
 from kdprune.search import open_storage
-from kdprune.stages import report_metrics
+from kdprune.run_metrics import report_metrics
 from kdprune.project import Paths, resolve_device
 from kdprune.tracking import MlflowTracker, NullTracker
 from flows.search import run_search

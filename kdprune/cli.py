@@ -214,7 +214,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             summary = _run_one_stage(args.name, params, Paths(Path(".")), tracker, device)
             if args.name == "evaluate" and isinstance(summary.get("models"), dict) and tracker.run_id:
                 # the parent run (a `dvc exp run`'s, a `dvc repro`'s) carries the report's numbers, as the flow's does
-                from kdprune.stages import report_metrics
+                from kdprune.run_metrics import report_metrics
 
                 tracker.log_metrics(report_metrics(summary))
                 tracker.set_tags({"kd_gain": summary.get("kd_gain", {}).get("verdict", "")})

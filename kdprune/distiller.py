@@ -23,7 +23,7 @@ from torch import nn
 
 from kdprune.config import DistillParams
 from kdprune.errors import KdpruneError
-from kdprune.losses import dkd_loss, hint_loss, hinton_kd_loss
+from kdprune.losses import dkd_loss, hint_loss, kd_term
 
 
 def _stage_module(model: nn.Module, index: int, role: str) -> nn.Module:
@@ -91,8 +91,8 @@ class Distiller:
             target = y if mixed is None or mixed[1] >= 0.5 else y[mixed[0]]
             t = p.dkd.temperature or p.temperature
             return ce() + ramp * dkd_loss(student_logits, teacher_logits, target, t, p.dkd.alpha, p.dkd.beta)
-        # Hinton's loss with alpha = 1 is its KD term alone (T^2 * KL); the label term is added here, mixed or not
-        loss = p.alpha * hinton_kd_loss(student_logits, teacher_logits, y, p.temperature, 1.0) + (1 - p.alpha) * ce()
+        # Hinton's loss: its KD term, and the label term computed here (one label or two, mixed)
+        loss = p.alpha * kd_term(student_logits, teacher_logits, p.temperature) + (1 - p.alpha) * ce()
         if p.method == "fitnets":
             ramp = min(1.0, step / self.hint_warmup_steps) if self.hint_warmup_steps > 0 else 1.0
             loss = loss + ramp * p.hint.weight * hint_loss(*self.matched_features())

@@ -6,6 +6,21 @@ import torch
 import torch.nn.functional as F
 
 
+def kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The soft term of Hinton's loss: T^2 * KL( softmax(z_t / T) || softmax(z_s / T) ), averaged over the batch.
+
+    The T^2 factor keeps its gradient magnitude independent of the temperature T (section 2 of Hinton et al.,
+    2015). The teacher's logits carry no gradient. The trainer adds the label term itself, so that it can weigh
+    two labels of a mixed image (kdprune/distiller.py)."""
+    t = temperature
+    return t * t * F.kl_div(
+        F.log_softmax(student_logits.float() / t, dim=1),
+        F.log_softmax(teacher_logits.detach().float() / t, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+
+
 def hinton_kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -18,18 +33,10 @@ def hinton_kd_loss(
 
         L = alpha * T^2 * KL( softmax(z_t / T) || softmax(z_s / T) ) + (1 - alpha) * CE(z_s, y)
 
-    The T^2 factor keeps the soft term's gradient magnitude independent of the temperature T (section 2 of the
-    paper). The KL divergence is averaged over the batch; the teacher's logits carry no gradient.
+    The first term is `kd_term`; the KL divergence is averaged over the batch.
     """
-    t = temperature
-    soft = F.kl_div(
-        F.log_softmax(student_logits.float() / t, dim=1),
-        F.log_softmax(teacher_logits.detach().float() / t, dim=1),
-        reduction="batchmean",
-        log_target=True,
-    )
     hard = F.cross_entropy(student_logits.float(), labels, label_smoothing=label_smoothing)
-    return alpha * t * t * soft + (1.0 - alpha) * hard
+    return alpha * kd_term(student_logits, teacher_logits, temperature) + (1.0 - alpha) * hard
 
 
 def dkd_loss(

@@ -12,6 +12,7 @@ from kdprune.config import Params
 from kdprune.errors import KdpruneError
 from kdprune.lineage import file_hash, run_context
 from kdprune.project import Paths, stage_outputs
+from kdprune.run_metrics import log_on_model_runs, summary_metrics
 from kdprune.tracking import NullTracker
 
 STAGES = {"prepare": stages.prepare, "search-teacher": stages.search_teacher, "teacher": stages.teacher,
@@ -43,11 +44,11 @@ def run_stage(name: str, params: Params, paths: Paths, tracker=NullTracker(), de
     if resume and (done := resume_mod.completed(paths.root, name, params, extra)) is not None:
         print(f"{name}: skipped, outputs up to date (inputs unchanged since it last finished)")
         with tracker.run(name, tags={**tags, "kdprune.skipped": "outputs up to date"}) as run:
-            run.log_metrics(stages.summary_metrics(name, done))
+            run.log_metrics(summary_metrics(name, done))
             if output is not None and output.is_file():
                 run.set_tags({"kdprune.output_sha256": file_hash(output)})
         if name == "evaluate":  # the skipped model runs of this pipeline get their numbers as trained ones do
-            stages.log_on_model_runs(done, paths, tracker)
+            log_on_model_runs(done, paths, tracker)
         return done
     with tracker.run(name, tags=tags) as run:
         summary = STAGES[name](params, paths, run, device, **options)

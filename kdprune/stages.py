@@ -30,16 +30,13 @@ from kdprune.project import Paths, effective_params, input_spec, resolve_device,
 from kdprune.pruning import (SparsityPenalty, count_macs_params, default_round_to, macs_cost, prune_in_rounds,
                              search_within)
 from kdprune.report import format_table, kd_gain, pruning_summary
+from kdprune.run_metrics import MODEL_METRICS, MODEL_STAGES, log_on_model_runs, report_metrics, summary_metrics, \
+    without_timings
 from kdprune.serving import served_pruned
 from kdprune.tracking import NullTracker
 from kdprune.train import Split, evaluate as evaluate_split, fit, predict_logits
 
 MODEL_NAMES = ("teacher", "student", "distilled", "pruned")
-# The stage whose run made each model; "served" is the ONNX file that is registered and served.
-MODEL_STAGES = {"teacher": "teacher", "student": "student", "distilled": "distill", "pruned": "prune",
-                "served": "export"}
-MODEL_METRICS = ("model.test_accuracy", "model.val_accuracy", "model.macs", "model.params", "model.size_kb",
-                 "model.latency_ms_b1", "model.latency_ms_batch", "model.latency_batch")
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -84,28 +81,6 @@ def _train_and_save(name: str, model: ModelParams | torch.nn.Module, spec: dict,
     tracker.log_metrics(summary_metrics(name, summary))
     tracker.log_artifact(paths.model(name))
     return summary
-
-
-TRAINED = ("teacher", "student", "distill", "distilled", "prune", "pruned")  # training stages and their models
-
-
-def summary_metrics(stage: str, summary: dict) -> dict:
-    """A stage's summary as run metrics, named alike whether the stage trained or was skipped by resume: a training
-    stage's end values are `final_*` (the plain names hold the per-epoch curves). `stage`: its name or its model's."""
-    if stage in TRAINED:
-        return {f"final_{k}": v for k, v in summary.items()}
-    if stage == "evaluate":
-        return report_metrics(summary)
-    return {k: v for k, v in summary.items() if not isinstance(v, dict)}
-
-
-def report_metrics(report: dict) -> dict:
-    """The evaluate report as flat run metrics (the evaluate run's, and the pipeline's parent run's): each model's
-    row as `MODEL.KEY`, the pruning summary as `pruning.KEY`, the paired KD gain as `kd_gain.KEY`."""
-    flat = {f"{name}.{k}": v for name, row in report.get("models", {}).items() for k, v in row.items()}
-    for section in ("pruning", "kd_gain"):
-        flat.update({f"{section}.{k}": v for k, v in report.get(section, {}).items()})
-    return {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _role_stage(name: str, role_name: str, params: Params, paths: Paths, tracker, device, teacher=None) -> dict:
@@ -389,15 +364,6 @@ def evaluate(params: Params, paths: Paths, tracker=NullTracker(), device: torch.
     return report
 
 
-TIMING_WORDS = ("latency", "seconds", "speedup", "time_ms")  # in the report's keys: measured times and their ratios
-
-
-def without_timings(report: dict) -> dict:
-    """The report without measured times, speed-ups and latency settings (they stay in reports/report.json)."""
-    return {k: without_timings(v) if isinstance(v, dict) else v for k, v in report.items()
-            if not any(word in k for word in TIMING_WORDS)}
-
-
 def _model_metrics(rows: dict, paths: Paths, prepared: dict, served: torch.nn.Module, clock: str) -> dict[str, dict]:
     """MODEL_METRICS of each model: the same names for all, so MLflow's Compare view lines them up. Latency is on
     each model's runtime, on one clock (`clock`, the report's): torch on the CPU, ONNX Runtime for the served file
@@ -414,18 +380,6 @@ def _model_metrics(rows: dict, paths: Paths, prepared: dict, served: torch.nn.Mo
                          round(paths.onnx.stat().st_size / 1024, 1), pruned["ort_latency_ms_b1"],
                          pruned["ort_latency_ms_batch"], pruned["latency_batch"])
     return {name: dict(zip(MODEL_METRICS, numbers[name])) for name in MODEL_STAGES}
-
-
-def log_on_model_runs(report: dict, paths: Paths, tracker) -> None:
-    """Put the report's MODEL_METRICS on the run that made each model: the latest run that wrote that file, trained
-    or skipped by resume (the runner calls this again when evaluate itself is skipped)."""
-    from kdprune.lineage import file_hash
-
-    for name, stage in MODEL_STAGES.items():
-        path = paths.onnx if name == "served" else paths.model(name)
-        run_id = tracker.run_for_output(stage, file_hash(path))
-        if run_id and name in report.get("model_metrics", {}):
-            tracker.log_metrics_to(run_id, report["model_metrics"][name])
 
 
 def register(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:

@@ -67,7 +67,7 @@ def test_pipeline_flow_end_to_end(prefect_harness, workdir):
         assert {"final_val_accuracy", "final_epochs", "final_macs"} <= set(by_name[stage].data.metrics), stage
         assert "epochs" not in by_name[stage].data.metrics, stage
     # MLflow's Compare view lines up: every model's run carries the same metric set (pinned here)
-    from kdprune.stages import MODEL_METRICS, MODEL_STAGES
+    from kdprune.run_metrics import MODEL_METRICS, MODEL_STAGES
 
     assert MODEL_METRICS == ("model.test_accuracy", "model.val_accuracy", "model.macs", "model.params",
                              "model.size_kb", "model.latency_ms_b1", "model.latency_ms_batch", "model.latency_batch")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdprune.losses import dkd_loss, hint_loss, hinton_kd_loss
+from kdprune.losses import dkd_loss, hint_loss, hinton_kd_loss, kd_term
 
 
 @pytest.fixture
@@ -173,3 +173,10 @@ def test_hint_loss_spares_the_teacher():
     t = torch.randn(2, 3, 4, 4, requires_grad=True)
     hint_loss(s, t).backward()
     assert t.grad is None and s.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("t", [1.0, 4.0])
+def test_kd_term_is_hintons_soft_term_alone(batch, t):
+    student, teacher, labels = batch
+    assert torch.allclose(kd_term(student, teacher, t), t * t * _kl_by_hand(student, teacher, t), atol=1e-5)
+    assert torch.allclose(kd_term(student, teacher, t), hinton_kd_loss(student, teacher, labels, t, 1.0), atol=1e-6)
