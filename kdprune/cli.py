@@ -77,13 +77,14 @@ def predict_command(args: argparse.Namespace) -> None:
     """One line per image: path, class, probability (tab-separated)."""
     from kdprune.predict import predict
 
-    model = args.model
-    if model is None:
+    model, data = args.model, None
+    if model is None:  # the project's champion: it must fit the project's data, when that is prepared here
         from kdprune import config
+        from kdprune.project import Paths
 
         registry = config.load(args.params, args.overrides).registry
-        model = f"models:/{registry.model_name}@{registry.alias}"
-    for path, label, probability in predict(model, args.images):
+        model, data = f"models:/{registry.model_name}@{registry.alias}", Paths(Path(".")).prepared
+    for path, label, probability in predict(model, args.images, data):
         print(f"{path}\t{label}\t{probability:.4f}")
 
 

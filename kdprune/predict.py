@@ -55,16 +55,38 @@ def load_predictor(model: str) -> tuple[Callable[[np.ndarray], np.ndarray], list
     return logits, list(payload["classes"]), tuple(payload["input_shape"])
 
 
+def check_fits_data(model: str, classes: list[str], input_shape: tuple, prepared_path: Path) -> None:
+    """Refuse (one line) a model whose classes or input shape are not those of the project's prepared data: it was
+    trained on other images, and its answers would be names from another label set."""
+    if not Path(prepared_path).is_file():
+        return
+    try:  # memory-mapped: only the class list and the tensors' shapes are read, not the images
+        prepared = torch.load(prepared_path, mmap=True, weights_only=True)
+        data_classes, data_shape = [str(c) for c in prepared["classes"]], tuple(prepared["train_x"].shape[1:])
+    except Exception:  # noqa: BLE001 - an unreadable prepared file only means there is nothing to check against
+        return
+    if [str(c) for c in classes] != data_classes or tuple(input_shape) != data_shape:
+        shown = lambda names: ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")  # noqa: E731
+        raise KdpruneError(
+            f"{model}: trained for {len(classes)} classes ({shown([str(c) for c in classes])}) at "
+            f"{'x'.join(map(str, input_shape))}, but this project's data ({prepared_path}) has {len(data_classes)} "
+            f"({shown(data_classes)}) at {'x'.join(map(str, data_shape))}: not a model for these images; "
+            "set registry.model_name or give --model")
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-def predict(model: str, targets: list[str]) -> list[tuple[str, str, float]]:
+def predict(model: str, targets: list[str], data: Path | None = None) -> list[tuple[str, str, float]]:
     """(image path, class, probability) per image. All images are read before any is predicted, so a bad one fails
-    the call with nothing printed."""
+    the call with nothing printed. `data`: a prepared-data file the model must fit (`check_fits_data`)."""
     files = image_files(targets)
-    logits_of, classes, (channels, size, _) = load_predictor(model)
+    logits_of, classes, input_shape = load_predictor(model)
+    if data is not None:
+        check_fits_data(model, classes, input_shape, data)
+    channels, size, _ = input_shape
     images = torch.stack([read_image(f, channels, size) for f in files])
     probs = np.concatenate([softmax(logits_of(images[start:start + BATCH].float().div(255).numpy()))
                             for start in range(0, len(images), BATCH)])

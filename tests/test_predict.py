@@ -130,3 +130,22 @@ def test_predict_bad_input_is_one_line_and_writes_nothing(project, capsys, monke
     assert out == "" and len(err.strip().splitlines()) == 1, err
     assert re.search(message, err), err
     assert listing(project) == before
+
+
+def test_the_default_champion_must_fit_the_projects_data(project, tmp_path, capsys):
+    """The project now prepares other images (3 classes, 8x8 RGB): the digits champion is refused in one line,
+    not asked to name them; --model still answers."""
+    params = config.parse(tiny_params_dict())
+    run_stage("register", params, Paths(project), MlflowTracker(), CPU)
+    files, _ = save_test_images(project, 2)
+    images = make_imagefolder(tmp_path / "shapes", classes=("ring", "square", "star"), mode="RGB",
+                              per_class={"train": 6, "test": 2})
+    other = data.prepare(config.DataParams(source="imagefolder", path=str(images), val_fraction=0.2), seed=0)
+    data.save_prepared(other, Paths(project).prepared)
+    capsys.readouterr()
+    assert main(["predict", str(files[0])]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1, err
+    assert "models:/kdprune-test@champion: trained for 10 classes (0, 1, 2, 3, 4, ...) at 1x8x8" in err
+    assert "has 3 (ring, square, star) at 3x8x8: not a model for these images" in err
+    assert main(["predict", "--model", "models:/kdprune-test@champion", str(files[0])]) == 0
