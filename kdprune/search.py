@@ -46,7 +46,9 @@ from kdprune.errors import KdpruneError, TrainingDiverged
 from kdprune.io import write_json, write_text
 from kdprune.project import (AUGMENT_KEYS, TRAIN_KEYS, Paths, apply_point, input_spec, new_model, resolve_device,
                              make_splits, train_new)
-from kdprune.pruning import count_macs_params, default_round_to, prune_to_target
+from kdprune.compress import prune_with_kd
+from kdprune.train import evaluate as evaluate_split
+from kdprune.pruning import count_macs_params
 from kdprune.tracking import NullTracker
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -54,8 +56,8 @@ WorkerRunner = Callable[[Callable[[int], Any], int], list]
 State = optuna.trial.TrialState
 COUNTED = (State.COMPLETE, State.PRUNED)  # what fills a study's n_trials; failed (diverged, killed) trials do not
 # The modules a trial runs: editing one of them starts new studies (and, in dvc.yaml, reruns the search stages).
-CODE_FILES = ("search", "project", "train", "distiller", "models", "augment", "optim", "losses", "pruning", "data",
-              "config")
+CODE_FILES = ("search", "project", "train", "distiller", "models", "augment", "optim", "losses", "pruning", "compress",
+              "data", "config")
 OWNER = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial, to fail the trials of a dead process
 
 
@@ -143,8 +145,9 @@ def trial_keys(role: str, method: str | None = None, pareto: bool | None = None)
         keys += ["search.mode", *(f"distill.{k}" for k in DistillParams.model_fields
                                   if k not in ("temperature", "alpha", "dkd", "hint")),
                  *(f"distill.dkd.{k}" for k in DKDParams.model_fields if k != "temperature"), "distill.hint"]
-        if pareto is not False:
-            keys += ["prune.round_to", "prune.runtime"]
+        if pareto is not False:  # the prune stage's pruner and fine-tune (kdprune/compress.py), at the sampled target
+            keys += [f"prune.{k}" for k in ("method", "steps", "round_epochs", "tolerance", "round_to", "runtime",
+                                            "sparsity", "finetune")]
     return keys
 
 
@@ -315,19 +318,21 @@ class InfeasiblePoint(Exception):
 
 
 def _prune_and_finetune(model, params: Params, role, prepared, train, val, teacher, number: int):
-    """Pareto trials: prune to the sampled target, fine-tune one epoch with KD; (val accuracy, MACs)."""
+    """Pareto trials: the prune stage's pruner (kdprune/compress.py) at the sampled target, then its KD fine-tune,
+    each on the trial's shorter schedule (search.fraction); (val accuracy, MACs)."""
     shape, _ = input_spec(prepared)
     example = torch.zeros(1, *shape)
+    fraction = params.search.fraction
+    # the sampled prune_target is a MACs target: a latency target would time every trial (noisy, and slow)
+    params = params.model_copy(update={"prune": params.prune.model_copy(update={"latency_target": None})})
     try:
-        round_to = params.prune.round_to or default_round_to(params.prune.runtime)  # as the prune stage does
-        model = prune_to_target(model.cpu(), example, params.prune.target, round_to)
+        pruned = prune_with_kd(model.cpu(), teacher, params, train, val, example, fraction,
+                               stage=f"student trial {number} prune")
     except KdpruneError as error:
         raise InfeasiblePoint(str(error)) from None
-    macs, _ = count_macs_params(model, example)
-    model, history = train_new(model, role.train.model_copy(update={"epochs": 1, "warmup_epochs": 0}), prepared,
-                               train, val, stage=f"student trial {number} fine-tune", seed=params.seed,
-                               teacher=teacher, distill=params.distill)
-    return history[-1]["val_accuracy"], macs
+    macs, _ = count_macs_params(pruned.model, example)
+    model = pruned.kd(pruned.model, params.prune.finetune.epochs, f"student trial {number} fine-tune")
+    return evaluate_split(model.to(train.x.device), val)["accuracy"], macs
 
 
 def counted(study: optuna.Study) -> int:

@@ -7,7 +7,6 @@ The report's formatting lives in kdprune/report.py, the registration's promotion
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import shutil
@@ -24,17 +23,17 @@ from kdprune.config import ModelParams, Params, TrainParams
 from kdprune.confusion import confusion_matrix, format_per_class, per_class, plot_confusion
 from kdprune.errors import KdpruneError
 from kdprune.io import read_json, write_json, write_text
-from kdprune.metrics import compare_latency, latency_cost, layer_channels, model_costs, pruner_clock
+from kdprune.compress import prune_with_kd, runtime_device
+from kdprune.metrics import compare_latency, layer_channels, model_costs, pruner_clock
 from kdprune.plots import sensitivity_plot
 from kdprune.project import Paths, effective_params, input_spec, resolve_device, make_splits, train_new
-from kdprune.pruning import (SparsityPenalty, count_macs_params, default_round_to, macs_cost, prune_in_rounds,
-                             search_within)
+from kdprune.pruning import count_macs_params, search_within
 from kdprune.report import format_table, kd_gain, pruning_summary
 from kdprune.run_metrics import MODEL_METRICS, MODEL_STAGES, log_on_model_runs, report_metrics, summary_metrics, \
     without_timings
 from kdprune.serving import served_pruned
 from kdprune.tracking import NullTracker
-from kdprune.train import Split, evaluate as evaluate_split, fit, predict_logits
+from kdprune.train import Split, evaluate as evaluate_split, predict_logits
 
 MODEL_NAMES = ("teacher", "student", "distilled", "pruned")
 
@@ -118,52 +117,22 @@ def distill(params: Params, paths: Paths, tracker=NullTracker(), device: torch.d
     return _role_stage("distilled", "student", params, paths, tracker, device or resolve_device(), teacher=teacher_model)
 
 
-def _runtime_device(runtime: str) -> torch.device:
-    if runtime == "cuda" and not torch.cuda.is_available():
-        raise KdpruneError("prune.runtime: cuda, but this machine has no CUDA device")
-    return torch.device("cuda" if runtime == "cuda" else "cpu")
-
-
 def prune(params: Params, paths: Paths, tracker=NullTracker(), device: torch.device | None = None) -> dict:
-    """Remove the distilled student's channels to the MACs or latency target, then fine-tune it with KD.
-
-    With `method: sparse` the student first trains (KD) under a group-sparsity penalty; with `steps` > 1 it is
-    pruned in rounds with short KD fine-tunes between them. Also writes the accuracy-vs-target plot.
-    """
+    """Remove the distilled student's channels to the MACs or latency target (kdprune/compress.py, the one pruner
+    the Pareto search's trials call too), then fine-tune it with KD. Also writes the accuracy-vs-target plot."""
     device = device or resolve_device()
     params = effective_params(params, paths)
     p = params.prune
-    runtime = _runtime_device(p.runtime)
-    round_to = p.round_to or default_round_to(p.runtime)
+    runtime = runtime_device(p.runtime)
     splits = _splits(paths, device)
     _, train, val = splits
     distilled, payload = load_model(paths.model("distilled"))
     teacher_model, _ = load_model(paths.model("teacher"))
     input_shape = tuple(payload["input_shape"])
     example = torch.zeros(1, *input_shape)
-    distilled.eval()
+    pruned = prune_with_kd(distilled, teacher_model, params, train, val, example)
+    model, rounds, unit, target, round_to = pruned.model, pruned.rounds, pruned.unit, pruned.target, pruned.round_to
     tracker.log_params({"prune": p.model_dump(exclude={"finetune"}), "prune.round_to_used": round_to})
-
-    def kd(model: torch.nn.Module, epochs: int, stage: str, after_backward=None) -> torch.nn.Module:
-        schedule = p.finetune.model_copy(update={"epochs": epochs, "warmup_epochs": min(p.finetune.warmup_epochs, epochs)})
-        model, _ = fit(model, train, val, schedule, stage=stage, seed=params.seed, teacher=teacher_model,
-                       distill=params.distill, after_backward=after_backward)
-        return model.cpu().eval()
-
-    ranked = copy.deepcopy(distilled)  # the model whose channels are ranked: distilled, or sparse-trained
-    if p.method == "sparse":
-        penalty = SparsityPenalty(ranked, example, p.sparsity.reg, p.sparsity.alpha)
-        ranked = kd(ranked, p.sparsity.epochs, "prune (sparse training)", after_backward=penalty)
-    if p.latency_target is not None:
-        unit, target, what = "latency", p.latency_target, "prune.latency_target"
-        cost = latency_cost(distilled, input_shape, p.latency_batch, p.latency_repeats, runtime, p.latency_threads)
-    else:
-        unit, target, what = "MACs", p.target, "prune.target"
-        cost = macs_cost(example, distilled)
-    global_ranking = p.method == "sparse"
-    model, rounds = prune_in_rounds(ranked, example, cost, target, p.steps, round_to, global_ranking, p.tolerance,
-                                    between=lambda m, i: kd(m, p.round_epochs, f"prune round {i}/{p.steps}"),
-                                    what=what)
     achieved = 1 - rounds[-1]["cost"]
     if achieved > target + p.tolerance:
         print(f"prune: {unit} reduction {achieved:.1%} exceeds the target {target:.0%} by more than the tolerance "
@@ -193,7 +162,8 @@ def prune(params: Params, paths: Paths, tracker=NullTracker(), device: torch.dev
     }
     summary = _train_and_save("pruned", model, payload["spec"], p.finetune, params, paths, tracker, device,
                               teacher=teacher_model, extra=extra, splits=splits)
-    summary["sensitivity"] = _sensitivity(ranked, example, cost, p, round_to, global_ranking, unit, kd, val, device,
+    summary["sensitivity"] = _sensitivity(pruned.ranked, example, pruned.cost, p, round_to, pruned.global_ranking,
+                                          unit, pruned.kd, val, device,
                                           distilled_accuracy=evaluate_split(distilled.to(device), val)["accuracy"],
                                           chosen={"target": target, "val_accuracy": summary["val_accuracy"]},
                                           path=paths.sensitivity_plot)

@@ -292,15 +292,15 @@ def test_a_pareto_point_whose_prune_target_cannot_be_reached_fails_and_the_study
     params = search_params({"mode": "pareto", "n_trials": 2, "space": {"width": {"low": 4, "high": 4}}})
     setup = trial_setup(params, search_root, role="student")
     study = search_mod.create_study(setup.study_name, setup.storage, params.search, "student")
-    real = search_mod.prune_to_target
+    real = search_mod.prune_with_kd
     targets = iter([None, "ok", "ok"])
 
-    def first_unreachable(model, example, target, round_to):
+    def first_unreachable(model, teacher, params, *args, **kwargs):
         if next(targets) is None:
-            raise KdpruneError(f"prune.target: could not remove {target:.0%} of MACs (reached 1%)")
-        return real(model, example, target, round_to)
+            raise KdpruneError(f"prune.target: could not remove {params.prune.target:.0%} of MACs (reached 1%)")
+        return real(model, teacher, params, *args, **kwargs)
 
-    monkeypatch.setattr(search_mod, "prune_to_target", first_unreachable)
+    monkeypatch.setattr(search_mod, "prune_with_kd", first_unreachable)
     search_mod._run_study(setup, search_mod.run_in_threads)
     assert [t.state for t in load_trials(setup)] == [State.FAIL, State.COMPLETE]  # the study went on
     search_mod._run_study(setup, search_mod.run_in_threads)  # a rerun replaces the failed trial
@@ -702,3 +702,28 @@ def test_the_student_study_samples_alpha_only_for_a_method_that_reads_it(tmp_pat
 
     assert name("dkd", 0.9) == name("dkd", 0.5)
     assert name("hinton", 0.9) != name("hinton", 0.5)
+
+
+def test_pareto_trials_prune_with_the_prune_stages_pruner_and_settings(search_root, monkeypatch):
+    """One pruner: a trial calls compress.prune_with_kd with the trial's params (the sampled MACs target, the
+    stage's method and rounds) on the trial's schedule, then the stage's KD fine-tune."""
+    from kdprune import compress
+
+    params = search_params({"mode": "pareto", "n_trials": 1, "space": {"width": {"low": 4, "high": 4}}})
+    params = params.model_copy(update={"prune": params.prune.model_copy(update={"method": "sparse", "steps": 2,
+                                                                               "latency_target": 0.3})})
+    setup = trial_setup(params, search_root, role="student")
+    search_mod.create_study(setup.study_name, setup.storage, params.search, "student")
+    calls = []
+
+    def spy(model, teacher, trial_params, train, val, example, fraction=1.0, stage="prune"):
+        calls.append((trial_params.prune, fraction))
+        return compress.prune_with_kd(model, teacher, trial_params, train, val, example, fraction, stage)
+
+    monkeypatch.setattr(search_mod, "prune_with_kd", spy)
+    search_mod._run_study(setup, search_mod.run_in_threads)
+    ((prune, fraction),) = calls
+    (trial,) = load_trials(setup)
+    assert trial.state == State.COMPLETE and fraction == params.search.fraction
+    assert prune.target == pytest.approx(trial.params["prune_target"])  # the sampled point
+    assert (prune.method, prune.steps, prune.latency_target) == ("sparse", 2, None)  # MACs: the trial's objective
