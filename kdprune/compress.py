@@ -17,7 +17,7 @@ from torch import nn
 
 from kdprune.config import Params
 from kdprune.errors import KdpruneError
-from kdprune.pruning import SparsityPenalty, default_round_to, macs_cost, prune_in_rounds
+from kdprune.pruning import SparsityPenalty, default_round_to, group_norms, macs_cost, prune_in_rounds, weak_share
 from kdprune.train import Split, fit
 
 
@@ -44,6 +44,7 @@ class Pruned:
     round_to: int
     global_ranking: bool
     kd: Callable[..., nn.Module]  # kd(model, epochs, stage): a KD fine-tune with prune.finetune's schedule
+    separation: dict | None = None  # method sparse: the weakest-quarter norm share before and after the penalty
 
 
 def prune_with_kd(distilled: nn.Module, teacher: nn.Module, params: Params, train: Split, val: Split,
@@ -64,10 +65,12 @@ def prune_with_kd(distilled: nn.Module, teacher: nn.Module, params: Params, trai
         return model.cpu().eval()
 
     distilled.eval()
-    ranked = copy.deepcopy(distilled)
+    ranked, separation = copy.deepcopy(distilled), None
     if p.method == "sparse":
+        before = weak_share(group_norms(ranked, example))
         penalty = SparsityPenalty(ranked, example, p.sparsity.reg, p.sparsity.alpha)
         ranked = kd(ranked, p.sparsity.epochs, f"{stage} (sparse training)", after_backward=penalty)
+        separation = {"weak_share_before": before, "weak_share_after": weak_share(group_norms(ranked, example))}
     if p.latency_target is not None:
         from kdprune.metrics import latency_cost  # metrics imports pruning: imported here
 
@@ -81,4 +84,4 @@ def prune_with_kd(distilled: nn.Module, teacher: nn.Module, params: Params, trai
     model, rounds = prune_in_rounds(ranked, example, cost, target, p.steps, round_to, global_ranking, p.tolerance,
                                     between=lambda m, i: kd(m, p.round_epochs, f"{stage} round {i}/{p.steps}"),
                                     what=what)
-    return Pruned(model, ranked, rounds, cost, unit, target, round_to, global_ranking, kd)
+    return Pruned(model, ranked, rounds, cost, unit, target, round_to, global_ranking, kd, separation)

@@ -93,9 +93,9 @@ def table() -> dict[str, StageInputs]:
                  "worse and is faster (timed like evaluate)."),
         "evaluate": StageInputs(
             deps=(PACKAGE, "data/prepared.pt", "models/teacher.pt", "models/student.pt", "models/distilled.pt",
-                  "models/pruned.pt", "models/served.onnx", "metrics/export.json"),
+                  "models/pruned.pt", "models/served.onnx", "metrics/export.json", "search/student.json"),
             params=("evaluate", "teacher.train.tta", "student.train.tta", "prune.finetune.tta", "prune.target",
-                    "prune.latency_target"),
+                    "prune.latency_target", "search.enabled"),
             outs=(("reports/report.json", NO_CACHE), ("reports/table.md", NO_CACHE),
                   ("reports/per_class.md", NO_CACHE), ("reports/per_class.json", NO_CACHE),
                   ("reports/confusion.png", NO_CACHE)),

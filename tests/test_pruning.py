@@ -14,7 +14,7 @@ from kdprune.errors import KdpruneError
 from kdprune.metrics import compare_latency, latency_cost
 from kdprune.models import MODEL_BUILDERS, build
 from kdprune.pruning import (SparsityPenalty, count_macs_params, group_norms, macs_cost, prune_at_ratio,
-                             prune_in_rounds, prune_to_target, round_goals, search_within)
+                             prune_in_rounds, prune_to_target, round_goals, search_within, weak_share)
 from kdprune.train import Split, fit
 
 
@@ -168,9 +168,6 @@ def test_sparsity_penalty_drives_groups_down_and_those_are_removed():
         hook = SparsityPenalty(model, example, reg=reg) if reg else None
         trained[reg], _ = fit(model, train, val, schedule, stage="sparse", after_backward=hook)
     plain, sparse = (group_norms(trained[r].eval(), example) for r in (0.0, 0.05))
-
-    def weak_share(norms):  # the weakest quarter of each group's norms, relative to the group's strongest
-        return torch.stack([n.sort().values[: max(1, len(n) // 4)].mean() / n.max() for n in norms.values()]).mean()
 
     assert weak_share(sparse) < 0.5 * weak_share(plain)
 

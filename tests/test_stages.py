@@ -239,18 +239,34 @@ def test_report_states_requested_and_achieved_pruning(trained_project):
     assert "speed-up efficiency" in table and "| stem.0 | 4 |" in table
 
 
-def test_prune_stage_sparse_in_rounds(project, tiny_raw):
+def test_prune_stage_sparse_in_rounds(project, tiny_raw, capsys):
     """method sparse trains under the penalty first; steps 2 prunes in two rounds with a KD fine-tune between them."""
     raw = deep_update(tiny_raw, {"prune": {"method": "sparse", "steps": 2, "target": 0.4, "sensitivity": [0.3],
                                            "sparsity": {"reg": 0.01, "epochs": 1}}})
     summary = run_stage("prune", config.parse(raw), Paths(project), NullTracker(), CPU)
+    err = capsys.readouterr().err  # fit's epoch lines (no progress bar under pytest)
+    assert "prune (sparse training) epoch 1/1" in err and "prune round 1/2 epoch 1/1" in err
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     assert [r["goal"] for r in summary["rounds"]] == pytest.approx([0.8, 0.6])
     assert summary["method"] == "sparse" and 0.4 <= summary["macs_reduction"] <= 0.5
+    separation = summary["sparsity"]  # the penalty's effect on the channel groups, reported
+    assert separation["weak_share_after"] < separation["weak_share_before"]
     assert [row["target"] for row in summary["sensitivity"]] == [0.3]
     assert Paths(project).sensitivity_plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert read_json(Paths(project).stage_metrics("pruned"))["rounds"] == summary["rounds"]
     assert leftovers(project) == []
+
+
+def test_prune_stage_reads_its_latency_target(project, tiny_raw):
+    """prune.latency_target drives the search, not prune.target: the rounds' costs are measured latency, and the
+    reduction reached is the re-measured one, reported against the latency target."""
+    raw = deep_update(tiny_raw, {"prune": {"target": 0.01, "latency_target": 0.12, "latency_batch": 256,
+                                           "latency_repeats": 5, "sensitivity": []}})
+    summary = run_stage("prune", config.parse(raw), Paths(project), NullTracker(), CPU)
+    assert (summary["target_unit"], summary["target"]) == ("latency", 0.12)
+    assert summary["rounds"][-1]["cost"] <= 0.88  # the search reached the latency goal as it measured it
+    assert summary["macs_reduction"] > 0.1  # prune.target would have removed 1% of the MACs
+    assert summary["target_reached"] == summary["latency_reduction_b256"]
 
 
 def test_latency_target_on_missing_cuda_is_one_line(project, tiny_raw):
@@ -260,3 +276,16 @@ def test_latency_target_on_missing_cuda_is_one_line(project, tiny_raw):
     with pytest.raises(KdpruneError, match="prune.runtime") as info:
         run_stage("prune", config.parse(raw), Paths(project), NullTracker(), CPU)
     assert "\n" not in str(info.value)
+
+
+def test_the_report_requests_the_target_the_prune_stage_used(project, tiny_raw):
+    """A Pareto search's point replaces prune.target; the report's "requested" is that target, not params.yaml's."""
+    paths = Paths(project)
+    paths.search_dir.mkdir(exist_ok=True)
+    paths.search_best("student").write_text(json.dumps({"enabled": True, "point": {"prune_target": 0.3}}))
+    paths.search_best("teacher").write_text(json.dumps({"enabled": False}))
+    params = config.parse(deep_update(tiny_raw, {"search": {"enabled": True}}))
+    report = run_stage("evaluate", params, paths, NullTracker(), CPU)
+    assert report["pruning"]["requested_macs_reduction"] == pytest.approx(0.3)  # params.yaml says 0.5
+    off = run_stage("evaluate", config.parse(tiny_raw), paths, NullTracker(), CPU)
+    assert off["pruning"]["requested_macs_reduction"] == pytest.approx(0.5)
