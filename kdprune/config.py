@@ -144,7 +144,8 @@ class PruneParams(Strict):
     # when set it drives the search instead of `target`.
     latency_target: float | None = Field(default=None, gt=0, lt=1)
     tolerance: float = Field(default=0.05, gt=0, lt=1)  # the reduction reached may exceed the target by this much
-    runtime: Literal["torch-cpu", "cuda"] = "torch-cpu"  # where latency is measured (the deployment runtime)
+    # where latency is measured: the serving runtime (ONNX Runtime on the CPU), or torch on the CPU or CUDA
+    runtime: Literal["onnxruntime", "torch-cpu", "cuda"] = "onnxruntime"
     latency_batch: int = Field(default=256, ge=1)
     latency_threads: int = Field(default=1, ge=1)  # intra-op threads while measuring (CPU)
     latency_repeats: int = Field(default=10, ge=1)

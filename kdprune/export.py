@@ -64,6 +64,16 @@ class OrtModel(nn.Module):
         return torch.from_numpy(out)
 
 
+def ort_twins(models: dict[str, nn.Module], input_shape: tuple[int, ...], folder: Path,
+              threads: int | None = None) -> dict[str, OrtModel]:
+    """Each model exported to ONNX in `folder` and opened in ONNX Runtime: timed where it will be served."""
+    twins = {}
+    for name, model in models.items():
+        export_onnx(model, input_shape, Path(folder) / f"{name}.onnx")
+        twins[name] = OrtModel(Path(folder) / f"{name}.onnx", threads)
+    return twins
+
+
 @torch.inference_mode()
 def parity(model: nn.Module, onnx_path: str | Path, images: torch.Tensor, batch: int = 256) -> dict:
     """Torch vs ONNX Runtime logits on uint8 images (N x C x H x W): max abs difference and top-1 agreement."""

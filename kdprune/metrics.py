@@ -104,17 +104,3 @@ def layer_channels(model: nn.Module) -> dict[str, int]:
     """Output channels of every conv layer (and features of every linear layer), by module name."""
     return {name: m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
             for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-
-
-def latency_cost(base: nn.Module, input_shape: tuple[int, ...], batch: int, repeats: int,
-                 device: torch.device = torch.device("cpu"), threads: int | None = 1):
-    """A cost function for the pruner: a model's latency as a fraction of `base`'s, the two measured interleaved
-    (so load from other jobs cancels out of the ratio), on `pruner_clock`. Models go back to the CPU afterwards."""
-    clock = pruner_clock(device, threads)
-
-    def cost(model: nn.Module) -> float:
-        ms = compare_latency({"base": base, "pruned": model}, input_shape, batch, repeats, device, threads)[clock]
-        base.cpu(), model.cpu()
-        return ms["pruned"] / ms["base"]
-
-    return cost

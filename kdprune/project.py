@@ -46,6 +46,11 @@ class Paths:
         return self.root / "plots" / f"{name}.csv"
 
     @property
+    def latency_table(self) -> Path:
+        """The prune stage's per-layer latency table on its runtime (kept while its key holds)."""
+        return self.root / "models" / "latency-table.json"
+
+    @property
     def sensitivity_plot(self) -> Path:
         return self.root / "plots" / "sensitivity.png"
 

@@ -1,10 +1,9 @@
-"""Structured channel pruning with torch-pruning, to a MACs or a measured-latency target.
+"""Structured channel pruning with torch-pruning, to a MACs target (a latency target: kdprune/latency_table.py).
 
 torch-pruning tracks the dependencies (residual adds, batch norms, the next layer's inputs), so a pruned model is
 a smaller dense model. How many channels go is *searched*: each candidate is a one-shot prune of a copy of the
-model at a pruning ratio, its cost (MACs, or latency measured side by side with the unpruned model) is compared
-with the goal, and a scan then bisection on the ratio finds the smallest ratio that reaches the goal. Channel counts move in
-steps (whole channels, multiples of `round_to`), so the result lands at the target or just past it; the
+model at a pruning ratio, its cost (MACs relative to the unpruned model) is compared with the goal, and a scan
+then bisection on the ratio finds the smallest ratio that reaches the goal. Channel counts move in steps (whole channels, multiples of `round_to`), so the result lands at the target or just past it; the
 achieved figure is returned, never assumed.
 
 Two ways to rank channels (`method`):
@@ -45,8 +44,8 @@ def count_macs_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int
 
 
 def default_round_to(runtime: str) -> int:
-    """Channel multiple by deployment runtime: 8 on CUDA (tensor cores); 1 on the CPU, whose kernels gain nothing
-    measurable from multiples on these small layers and where rounding a 6-channel layer overshoots the target."""
+    """Channel multiple by deployment runtime: 8 on CUDA (tensor cores); 1 on the CPU (torch or ONNX Runtime),
+    where rounding a 6-channel layer overshoots a MACs target; a latency target's table finds the CPU's steps."""
     return 8 if runtime == "cuda" else 1
 
 

@@ -81,8 +81,12 @@ def table() -> dict[str, StageInputs]:
         "prune": StageInputs(
             deps=(PACKAGE, "data/prepared.pt", "search/student.json", "models/teacher.pt", "models/distilled.pt"),
             params=("seed", "prune", "distill", "search.enabled"),
-            outs=("models/pruned.pt", ("plots/sensitivity.png", NO_CACHE)),
-            metrics=(("metrics/pruned.json", NO_CACHE),), plots=(_curve("pruned"),)),
+            outs=("models/pruned.pt", ("plots/sensitivity.png", NO_CACHE),
+                  ("models/latency-table.json", {"persist": True})),
+            metrics=(("metrics/pruned.json", NO_CACHE),), plots=(_curve("pruned"),),
+            note="models/latency-table.json: the runtime's per-layer latency table a latency target is spent with; "
+                 "it persists (measured once per architecture, runtime, batch and threads: reruns choose the same "
+                 "channels)."),
         "export": StageInputs(
             deps=(PACKAGE, "data/prepared.pt", "models/pruned.pt"),
             params=("seed", "export", "prune.finetune.tta", "evaluate.latency_batch", "evaluate.latency_repeats",

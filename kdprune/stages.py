@@ -27,7 +27,7 @@ from kdprune.compress import prune_with_kd, runtime_device
 from kdprune.metrics import compare_latency, layer_channels, model_costs, pruner_clock
 from kdprune.plots import sensitivity_plot
 from kdprune.project import Paths, effective_params, input_spec, resolve_device, make_splits, train_new
-from kdprune.pruning import count_macs_params, search_within
+from kdprune.pruning import count_macs_params
 from kdprune.report import format_table, kd_gain, pruning_summary
 from kdprune.run_metrics import MODEL_METRICS, MODEL_STAGES, log_on_model_runs, report_metrics, summary_metrics, \
     without_timings
@@ -130,7 +130,10 @@ def prune(params: Params, paths: Paths, tracker=NullTracker(), device: torch.dev
     teacher_model, _ = load_model(paths.model("teacher"))
     input_shape = tuple(payload["input_shape"])
     example = torch.zeros(1, *input_shape)
-    pruned = prune_with_kd(distilled, teacher_model, params, train, val, example)
+    pruned = prune_with_kd(distilled, teacher_model, params, train, val, example,
+                           table_path=paths.latency_table if p.latency_target is not None else None)
+    if not paths.latency_table.exists():  # a DVC output: a MACs target measures no table, and says so
+        write_json(paths.latency_table, {"table": None, "why": "prune.target (MACs) needs no latency table"})
     model, rounds, unit, target, round_to = pruned.model, pruned.rounds, pruned.unit, pruned.target, pruned.round_to
     tracker.log_params({"prune": p.model_dump(exclude={"finetune"}), "prune.round_to_used": round_to})
     before_finetune = evaluate_split(model.to(device), val)["accuracy"]
@@ -140,17 +143,24 @@ def prune(params: Params, paths: Paths, tracker=NullTracker(), device: torch.dev
     macs_after, _ = count_macs_params(model, example)
     clock = pruner_clock(runtime, p.latency_threads)
     latency = {"latency_clock": clock}
-    for batch in (1, p.latency_batch):
-        measured = compare_latency({"distilled": distilled, "pruned": model}, input_shape, batch, p.latency_repeats,
-                                   runtime, p.latency_threads)[clock]
-        latency[f"latency_reduction_b{batch}"] = round(1 - measured["pruned"] / measured["distilled"], 4)
+    with tempfile.TemporaryDirectory() as tmp:  # timed on the runtime: ONNX Runtime times the exported files
+        timed = {"distilled": distilled, "pruned": model}
+        if p.runtime == "onnxruntime":
+            from kdprune.export import ort_twins
+            timed = ort_twins(timed, input_shape, Path(tmp), p.latency_threads)
+        for batch in (1, p.latency_batch):
+            measured = compare_latency(timed, input_shape, batch, p.latency_repeats, runtime,
+                                       p.latency_threads)[clock]
+            latency[f"latency_reduction_b{batch}"] = round(1 - measured["pruned"] / measured["distilled"], 4)
     distilled.cpu(), model.cpu()
     # what was reached, as the stage reports it: MACs exactly; latency as re-measured beside the distilled model
     searched = round(1 - rounds[-1]["cost"], 4)
     reached = searched if unit == "MACs" else latency[f"latency_reduction_b{p.latency_batch}"]
     if abs(reached - target) > p.tolerance:  # a miss on either side is said, not only an overshoot
+        source = "the search measured" if unit == "MACs" else "the latency table predicted"
         why = ("the channel steps of these layers are too coarse" if reached > target else
-               f"the search measured {searched:.1%}; timing noise at this size (raise prune.latency_repeats)")
+               f"{source} {searched:.1%}; the layers alone do not add up to the model here, or timing noise "
+               "(raise prune.latency_repeats)")
         print(f"prune: {unit} reduction {reached:.1%} {'exceeds' if reached > target else 'falls short of'} the "
               f"target {target:.0%} by more than prune.tolerance ({p.tolerance:.0%}): {why}", file=sys.stderr)
     channels_after = layer_channels(model)
@@ -168,8 +178,7 @@ def prune(params: Params, paths: Paths, tracker=NullTracker(), device: torch.dev
     }
     summary = _train_and_save("pruned", model, payload["spec"], p.finetune, params, paths, tracker, device,
                               teacher=teacher_model, extra=extra, splits=splits)
-    summary["sensitivity"] = _sensitivity(pruned.ranked, example, pruned.cost, p, round_to, pruned.global_ranking,
-                                          unit, pruned.kd, val, device,
+    summary["sensitivity"] = _sensitivity(pruned.cut, p, unit, pruned.kd, val, device,
                                           distilled_accuracy=evaluate_split(distilled.to(device), val)["accuracy"],
                                           chosen={"target": target, "val_accuracy": summary["val_accuracy"]},
                                           path=paths.sensitivity_plot)
@@ -178,20 +187,18 @@ def prune(params: Params, paths: Paths, tracker=NullTracker(), device: torch.dev
     return summary
 
 
-def _sensitivity(ranked, example, cost, p, round_to, global_ranking, unit, kd, val, device, distilled_accuracy,
-                 chosen, path) -> list[dict]:
+def _sensitivity(cut, p, unit, kd, val, device, distilled_accuracy, chosen, path) -> list[dict]:
     """Validation accuracy of the model pruned (one-shot) to each of `p.sensitivity`'s targets, plotted."""
     label = (f"after a {p.sensitivity_epochs}-epoch KD fine-tune" if p.sensitivity_epochs else "right after pruning")
     rows = []
     for target in p.sensitivity:
         try:
-            found = search_within(ranked, example, cost, 1 - target, round_to, global_ranking, p.tolerance,
-                                  "prune.sensitivity")
+            found, cost = cut(target)  # the pruner's own choice at this target (one shot)
         except KdpruneError as error:  # a point past what pruning can reach is left off the curve, and said so
             print(f"prune: sensitivity point {target:.0%} left out: {error}", file=sys.stderr)
             continue
-        model = kd(found.model, p.sensitivity_epochs, f"sensitivity {target:.0%}") if p.sensitivity_epochs else found.model
-        rows.append({"target": target, "achieved": round(1 - found.cost, 4), "label": label,
+        model = kd(found, p.sensitivity_epochs, f"sensitivity {target:.0%}") if p.sensitivity_epochs else found
+        rows.append({"target": target, "achieved": round(1 - cost, 4), "label": label,
                      "val_accuracy": evaluate_split(model.to(device), val)["accuracy"]})
     sensitivity_plot(rows, path, unit, distilled_accuracy,
                      {**chosen, "label": f"chosen, after the {p.finetune.epochs}-epoch fine-tune"})

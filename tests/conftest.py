@@ -50,7 +50,7 @@ def tiny_params_dict(**sections) -> dict:
         "teacher": {"model": {"arch": "resnet", "width": 8, "depth": 1, "dropout": 0.0}, "train": dict(train)},
         "student": {"model": {"arch": "resnet", "width": 4, "depth": 1, "dropout": 0.0}, "train": dict(train)},
         "distill": {"temperature": 4.0, "alpha": 0.9},
-        "prune": {"target": 0.5, "round_to": 1, "finetune": {**train, "epochs": 1, "lr": 0.02}},
+        "prune": {"target": 0.5, "latency_target": None, "round_to": 1, "finetune": {**train, "epochs": 1, "lr": 0.02}},
         "evaluate": {"latency_batch": 8, "latency_repeats": 2},
         # tiny models time alike pruned or not: the served-speed rule has its own test (test_gate.py)
         "registry": {"model_name": "kdprune-test", "alias": "champion", "require_faster": False},

@@ -77,7 +77,10 @@ def tiny_shipped_params() -> str:
                            (r"warmup_epochs: 2\b", "warmup_epochs: 0"), (r"latency_batch: 256", "latency_batch: 8"),
                            (r"latency_repeats: 20", "latency_repeats: 2"),
                            # a width-4 student has no 70% to remove in steps of 4 channels
-                           (r"target: 0\.7 ", "target: 0.5 "), (r"round_to: 4 ", "round_to: 1 ")]:
+                           (r"target: 0\.7 ", "target: 0.5 "), (r"round_to: 4 ", "round_to: 1 "),
+                           # at batch 8 a tiny model's time is per-call overhead: no latency to buy (test_stages has
+                           # the latency target through the stage)
+                           (r"latency_target: 0\.3 ", "latency_target:     ")]:
         text, count = re.subn(pattern, value, text)
         assert count, pattern
     return text

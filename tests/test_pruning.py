@@ -11,7 +11,7 @@ from torch import nn
 
 from kdprune.config import TrainParams
 from kdprune.errors import KdpruneError
-from kdprune.metrics import compare_latency, latency_cost
+from kdprune.metrics import compare_latency
 from kdprune.models import MODEL_BUILDERS, build
 from kdprune.pruning import (SparsityPenalty, count_macs_params, group_norms, macs_cost, prune_at_ratio,
                              prune_in_rounds, prune_to_target, round_goals, search_within, weak_share)
@@ -122,18 +122,6 @@ def test_macs_target_is_reached_within_tolerance(arch, round_to):
     before, _ = count_macs_params(model, example)
     after, _ = count_macs_params(prune_to_target(model, example, 0.5, round_to=round_to, tolerance=0.05), example)
     assert 0.5 <= 1 - after / before <= 0.55
-
-
-def test_latency_target_is_reached_within_tolerance():
-    """The pruner searches on measured latency (pruned vs unpruned, interleaved); an independent measurement agrees."""
-    model = tiny("fastnet", width=32, channels=3, size=16)
-    shape = (3, 16, 16)
-    cost = latency_cost(model, shape, batch=64, repeats=7)
-    found = search_within(model, torch.zeros(1, *shape), cost, goal=0.5, tolerance=0.15)
-    assert 0.35 <= found.cost <= 0.5
-    # process CPU time on one thread (what the search itself uses): other jobs on a shared CPU do not inflate it
-    ms = compare_latency({"base": model, "pruned": found.model}, shape, batch=64, repeats=15, threads=1)["cpu_ms"]
-    assert 0.25 <= ms["pruned"] / ms["base"] <= 0.65
 
 
 @pytest.mark.parametrize("steps", [1, 3])

@@ -257,16 +257,52 @@ def test_prune_stage_sparse_in_rounds(project, tiny_raw, capsys):
     assert leftovers(project) == []
 
 
-def test_prune_stage_reads_its_latency_target(project, tiny_raw):
-    """prune.latency_target drives the search, not prune.target: the rounds' costs are measured latency, and the
-    reduction reached is the re-measured one, reported against the latency target."""
-    raw = deep_update(tiny_raw, {"prune": {"target": 0.01, "latency_target": 0.12, "latency_batch": 256,
-                                           "latency_repeats": 5, "sensitivity": []}})
-    summary = run_stage("prune", config.parse(raw), Paths(project), NullTracker(), CPU)
-    assert (summary["target_unit"], summary["target"]) == ("latency", 0.12)
-    assert summary["rounds"][-1]["cost"] <= 0.88  # the search reached the latency goal as it measured it
-    assert summary["macs_reduction"] > 0.1  # prune.target would have removed 1% of the MACs
+def test_prune_stage_spends_its_latency_target_with_the_runtimes_table(project, tiny_raw, capfd):
+    """prune.latency_target drives the pruner, not prune.target: per-layer counts bought with ONNX Runtime's latency
+    table (written as a DVC output), the reduction reached re-measured on ONNX Runtime; a rerun reuses the table
+    and chooses the same channels."""
+    raw = deep_update(tiny_raw, {"prune": {"target": 0.01, "latency_target": 0.2, "latency_batch": 256,
+                                           "latency_repeats": 5, "tolerance": 0.5, "sensitivity": [0.1]}})
+    paths = Paths(project)
+    summary = run_stage("prune", config.parse(raw), paths, NullTracker(), CPU)
+    assert (summary["target_unit"], summary["target"], summary["runtime"]) == ("latency", 0.2, "onnxruntime")
+    table = read_json(paths.latency_table)
+    assert table["runtime"] == "onnxruntime" and table["batch"] == 256 and table["table"]
+    assert "latency table of" in capfd.readouterr().err
+    chosen = summary["rounds"][-1]
+    assert chosen["cost"] <= 0.8  # the table's prediction is within the budget
+    pruned, _ = load_model(paths.model("pruned"))
+    from kdprune.latency_table import group_counts
+    assert group_counts(pruned, torch.zeros(1, 1, 8, 8)) == chosen["counts"]  # what the table chose is what was saved
+    assert summary["macs_reduction"] > 0.02  # prune.target would have removed 1% of the MACs
     assert summary["target_reached"] == summary["latency_reduction_b256"]
+    assert [row["target"] for row in summary["sensitivity"]] == [0.1]  # the curve is cut with the table too
+    again = run_stage("prune", config.parse(raw), paths, NullTracker(), CPU)
+    assert "latency table of" not in capfd.readouterr().err  # read, not re-measured
+    assert again["rounds"][-1]["counts"] == chosen["counts"] and again["channels"] == summary["channels"]
+
+
+def test_an_unreachable_latency_target_is_one_line_and_keeps_the_pruned_model(project, capfd, monkeypatch):
+    from kdprune.cli import main
+
+    monkeypatch.chdir(project)
+    before = Paths(project).model("pruned").read_bytes()
+    assert main(["stage", "prune", "--no-tracking", "-S", "prune.latency_target=0.95",
+                 "-S", "prune.latency_repeats=2"]) == 2
+    err = [line for line in capfd.readouterr().err.splitlines() if line.startswith("kdprune: error")]
+    assert len(err) == 1 and err[0].startswith("kdprune: error: prune.latency_target: unreachable")
+    assert Paths(project).model("pruned").read_bytes() == before
+
+
+def test_a_runtime_that_is_not_installed_is_one_line(project, tiny_raw, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else
+                        find_spec(name, *a))
+    raw = deep_update(tiny_raw, {"prune": {"latency_target": 0.3, "runtime": "onnxruntime"}})
+    with pytest.raises(KdpruneError, match="^prune.runtime: onnxruntime, but the onnxruntime package is not"):
+        run_stage("prune", config.parse(raw), Paths(project), NullTracker(), CPU)
 
 
 def test_latency_target_on_missing_cuda_is_one_line(project, tiny_raw):
