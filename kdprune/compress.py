@@ -62,7 +62,6 @@ class Pruned:
     global_ranking: bool
     kd: Callable[..., nn.Module]  # kd(model, epochs, stage): a KD fine-tune with prune.finetune's schedule
     separation: dict | None = None  # method sparse: the weakest-quarter norm share before and after the penalty
-    table: dict | None = None  # latency target: the latency table that chose the counts
 
 
 def latency_table_for(model: nn.Module, example: torch.Tensor, params: Params, round_to: int,
@@ -98,8 +97,8 @@ def prune_by_table(model: nn.Module, example: torch.Tensor, table: dict, target:
     full = lt.estimate_ms(table, lt.group_counts(model, example))
     rounds = []
     for i, goal in enumerate(round_goals(target, steps), start=1):
-        counts = lt.allocate(table, lt.group_scores(model, example), lt.group_counts(model, example), goal * full,
-                             what)
+        scores = lt.group_scores(model, example)
+        counts = lt.allocate(table, scores, {g: len(s) for g, s in scores.items()}, goal * full, what)
         model = lt.prune_to_counts(copy.deepcopy(model), example, counts)
         rounds.append({"round": i, "goal": round(goal, 4), "cost": round(lt.estimate_ms(table, counts) / full, 4),
                        "counts": counts})
@@ -145,7 +144,7 @@ def prune_with_kd(distilled: nn.Module, teacher: nn.Module, params: Params, trai
             pruned, rows = prune_by_table(ranked, example, table, goal_target, 1, what="prune.sensitivity")
             return pruned, rows[-1]["cost"]
     else:
-        unit, target, what, table = "MACs", p.target, "prune.target", None
+        unit, target, what = "MACs", p.target, "prune.target"
         cost = macs_cost(example, distilled)
         model, rounds = prune_in_rounds(ranked, example, cost, target, p.steps, round_to, global_ranking,
                                         p.tolerance, between=between, what=what)
@@ -154,4 +153,4 @@ def prune_with_kd(distilled: nn.Module, teacher: nn.Module, params: Params, trai
             found = search_within(ranked, example, cost, 1 - goal_target, round_to, global_ranking, p.tolerance,
                                   "prune.sensitivity")
             return found.model, found.cost
-    return Pruned(model, ranked, rounds, cut, unit, target, round_to, global_ranking, kd, separation, table)
+    return Pruned(model, ranked, rounds, cut, unit, target, round_to, global_ranking, kd, separation)

@@ -19,6 +19,7 @@ Two ways to rank channels (`method`):
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -78,16 +79,23 @@ def _pruner(model: nn.Module, example: torch.Tensor, ratio: float, round_to: int
                round_to=round_to if round_to > 1 else None, **kwargs)
 
 
+@contextmanager
+def frozen_stays_frozen(model: nn.Module):
+    """torch-pruning re-creates pruned parameters as trainable: frozen ones (patch whitening) are frozen again."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    yield model
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
+
+
 def prune_at_ratio(model: nn.Module, example: torch.Tensor, ratio: float, round_to: int = 1,
                    global_ranking: bool = False) -> nn.Module:
     """Remove `ratio` of the prunable channels in one step, in place (per layer, or ranked across layers)."""
     if ratio > 0:
         model.eval()
-        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-        _pruner(model, example, ratio, round_to, global_ranking).step()
-        for name, p in model.named_parameters():  # torch-pruning re-creates pruned parameters as trainable
-            if name in frozen:
-                p.requires_grad_(False)
+        with frozen_stays_frozen(model):
+            _pruner(model, example, ratio, round_to, global_ranking).step()
     return model
 
 

@@ -92,3 +92,14 @@ def test_candidate_counts_stay_few_and_end_at_full_width():
     assert lt.candidate_counts(8, 4) == [4, 8]
     assert lt.candidate_counts(96, 1) == list(range(24, 96, 12)) + [96]  # 8 options; the floor keeps 15%
     assert lt.candidate_counts(6, 1) == [1, 2, 3, 4, 5, 6]
+
+
+def test_pruning_to_counts_keeps_the_frozen_whitening_frozen():
+    model = tiny("airbench", width=8, channels=3, size=16)
+    example = torch.zeros(1, 3, 16, 16)
+    counts = lt.group_counts(model, example)
+    whiten = "features.0.conv"
+    pruned = lt.prune_to_counts(copy.deepcopy(model), example, {**counts, whiten: counts[whiten] // 2})
+    kept = pruned.features[0].conv
+    assert kept.out_channels == counts[whiten] // 2
+    assert not kept.weight.requires_grad and kept.bias.requires_grad
